@@ -1,0 +1,216 @@
+"""Losses of [N&O] (entropy-weighted semi-supervised contrastive learning) and its baseline [G].
+
+Equation numbers follow SPEC.md section 3, where the paper's lost symbols are reconstructed:
+
+    prototype_probs        Eq. (4)        pseudo-label probabilities from prototype similarities
+    entropy                Eq. (9)        H_b = -sum_k q_bk log q_bk
+    assign_pseudo_labels   Eqs. (5), (7), (10)-(14)   labels and per-sample weights
+    anchor_weighted_supcon Eq. (6)        baseline loss [G], anchor weights
+    pair_weighted_supcon   Eq. (8)        proposed loss [N&O], pair weights sqrt(w_i w_p)
+    contrastive_batch      -              rows [prototypes; labeled; strong 1; strong 2]
+
+Everything is vectorised over rows, runs on any device and computes in float32 even when
+called with float16/bfloat16 inputs or under autocast. The public functions validate their
+inputs; `validate=False` skips the checks that need a device->host copy (the training step
+passes it, since its labels and weights come from `assign_pseudo_labels`).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+WEIGHTINGS = ("exp", "linear")
+_SELF_FILL = -1e9  # finite stand-in for -inf on the diagonal: exp() underflows to 0, no 0*inf NaN in backward
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype != torch.float64 else x
+
+
+def _no_autocast(t: torch.Tensor):
+    # the losses are a few small matmuls: float32 costs nothing and keeps log-sum-exp exact
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def _check_rows(features: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                validate: bool) -> None:
+    if features.dim() != 2:
+        raise ValueError(f"features must be 2-D (rows, dim), got shape {tuple(features.shape)}")
+    if labels.dim() != 1 or weights.dim() != 1:
+        raise ValueError(f"labels and weights must be 1-D, got shapes {tuple(labels.shape)} "
+                         f"and {tuple(weights.shape)}")
+    n = features.shape[0]
+    if labels.shape[0] != n or weights.shape[0] != n:
+        raise ValueError(f"features, labels and weights must have the same number of rows, got "
+                         f"{n}, {labels.shape[0]} and {weights.shape[0]}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    if not weights.dtype.is_floating_point:
+        raise ValueError(f"weights must be a floating-point tensor, got dtype {weights.dtype}")
+    if validate and n > 0 and not bool(torch.isfinite(weights).all() and (weights >= 0).all()):
+        raise ValueError("weights must be finite and non-negative")
+
+
+def _check_probs(probs: torch.Tensor, validate: bool) -> None:
+    if probs.dim() != 2:
+        raise ValueError(f"probs must be 2-D (samples, classes), got shape {tuple(probs.shape)}")
+    if not probs.dtype.is_floating_point:
+        raise ValueError(f"probs must be floating point, got dtype {probs.dtype}")
+    if validate and probs.numel() > 0:
+        tol = 1e-3 if probs.dtype in (torch.float32, torch.float64) else 2e-2
+        p = _f32(probs)
+        if not bool((p >= -tol).all()) or not bool(((p.sum(1) - 1).abs() <= tol).all()):
+            raise ValueError(f"probs must be non-negative rows that sum to 1 (tolerance {tol}); "
+                             "pass softmax outputs, e.g. from prototype_probs")
+
+
+def prototype_probs(z_weak: torch.Tensor, prototypes: torch.Tensor,
+                    temperature: float = 0.1) -> torch.Tensor:
+    """Eq. (4): q_b = softmax_k(cos(z^w_b, c_k) / T_pl). Both inputs are L2-normalised here.
+
+    Returns float32 probabilities of shape (U, K). Call it without gradient (the targets).
+    """
+    if z_weak.dim() != 2 or prototypes.dim() != 2 or z_weak.shape[1] != prototypes.shape[1]:
+        raise ValueError(f"z_weak (U, D) and prototypes (K, D) must be 2-D with the same D, got "
+                         f"{tuple(z_weak.shape)} and {tuple(prototypes.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    with _no_autocast(z_weak):
+        z = F.normalize(_f32(z_weak), dim=1)
+        c = F.normalize(_f32(prototypes), dim=1)
+        return torch.softmax(z @ c.T / temperature, dim=1)
+
+
+def entropy(probs: torch.Tensor, validate: bool = True) -> torch.Tensor:
+    """Eq. (9): H_b = -sum_k q_bk log q_bk, natural log, with 0 log 0 = 0. Returns (U,) float32."""
+    _check_probs(probs, validate)
+    with _no_autocast(probs):
+        p = _f32(probs)
+        return -torch.special.xlogy(p, p).sum(1)
+
+
+def assign_pseudo_labels(probs: torch.Tensor, threshold: float = 0.95,
+                         entropy_ratio: float | None = None, low_weight: float = 0.2,
+                         weighting: str = "exp", validate: bool = True,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and weights of the unlabeled samples, Eqs. (5), (7) and (10)-(14).
+
+    - confident (max_k q_bk >= threshold): label argmax_k q_bk, weight 1            (Eqs. 5, 7)
+    - else, if entropy_ratio=beta is given and H_b < H_th = beta log K: label argmax, weight
+      exp(-k H_b) with k = ln(1/lambda)/H_th (1 at H=0, lambda at H_th), or with
+      weighting="linear" 1 - (1 - lambda) H_b/H_th                                  (Eqs. 10-14)
+    - else: the unique label K + b (shared by the sample's two strong views), weight lambda.
+
+    entropy_ratio=None is the baseline rule of [G]. Returns (LongTensor[U], float32 Tensor[U]).
+    """
+    _check_probs(probs, validate)
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if not 0 < low_weight <= 1:
+        raise ValueError(f"low_weight (lambda) must be in (0, 1], got {low_weight}")
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    if entropy_ratio is not None and not 0 < entropy_ratio <= 1:
+        raise ValueError(f"entropy_ratio (beta) must be in (0, 1] or None, got {entropy_ratio}")
+    u, k = probs.shape
+    if entropy_ratio is not None and k < 2:
+        raise ValueError("entropy selection needs at least 2 classes (H_max = log K)")
+    with _no_autocast(probs):
+        p = _f32(probs)
+        conf, pred = p.max(dim=1)
+        confident = conf >= threshold
+        unique = torch.arange(u, device=p.device) + k
+        labels = torch.where(confident, pred, unique)
+        weights = torch.where(confident, 1.0, torch.full_like(conf, low_weight))
+        if entropy_ratio is None:
+            return labels, weights
+        h = entropy(p, validate=False)
+        h_th = entropy_ratio * math.log(k)
+        selected = ~confident & (h < h_th)
+        if weighting == "exp":
+            w_ent = torch.exp(-(math.log(1.0 / low_weight) / h_th) * h)
+        else:
+            w_ent = 1.0 - (1.0 - low_weight) * h / h_th
+        return torch.where(selected, pred, labels), torch.where(selected, w_ent, weights)
+
+
+def _log_prob_and_positives(features: torch.Tensor, labels: torch.Tensor, temperature: float):
+    """l_ip = s_ip - log sum_{a != i} exp(s_ia) with s = z z^T / T, and the positive mask P."""
+    z = F.normalize(_f32(features), dim=1)
+    n = z.shape[0]
+    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+    logits = (z @ z.T / temperature).masked_fill(self_mask, _SELF_FILL)
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # logsumexp removes the row max
+    pos = (labels[:, None] == labels[None, :]) & ~self_mask
+    return log_prob, pos
+
+
+def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    # an empty anchor set gives num = den = 0: return 0 with a finite (zero) gradient, not NaN
+    return num / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def anchor_weighted_supcon(features: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                           temperature: float = 0.1, validate: bool = True) -> torch.Tensor:
+    """Eq. (6), the baseline loss of [G]:
+
+        L_base = sum_{i in I'} w_i (-(1/|P(i)|) sum_{p in P(i)} l_ip) / sum_{i in I'} w_i
+
+    I' = rows with at least one positive. Returns a float32 scalar (0 when the denominator is 0).
+    """
+    _check_rows(features, labels, weights, validate)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    with _no_autocast(features):
+        log_prob, pos = _log_prob_and_positives(features, labels, temperature)
+        n_pos = pos.sum(1)
+        w = _f32(weights) * (n_pos > 0)
+        mean_pos = (log_prob * pos).sum(1) / n_pos.clamp(min=1)
+        return _safe_ratio((w * -mean_pos).sum(), w.sum())
+
+
+def pair_weighted_supcon(features: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                         temperature: float = 0.1, validate: bool = True) -> torch.Tensor:
+    """Eq. (8), the proposed loss of [N&O]: pair weight sqrt(w_i w_p) for anchor i, positive p,
+
+        L_ent = sum_{i in I'} (1/|P(i)|) sum_p sqrt(w_i w_p) (-l_ip) / sum_{i in I'} wbar_i,
+        wbar_i = (1/|P(i)|) sum_p sqrt(w_i w_p).
+
+    I' = rows with at least one positive. Returns a float32 scalar (0 when the denominator is 0).
+    """
+    _check_rows(features, labels, weights, validate)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    with _no_autocast(features):
+        log_prob, pos = _log_prob_and_positives(features, labels, temperature)
+        sw = _f32(weights).sqrt()
+        pair_w = (sw[:, None] * sw[None, :]) * pos
+        inv_n_pos = 1.0 / pos.sum(1).clamp(min=1)  # rows without positives have pair_w = 0
+        num = ((pair_w * -log_prob).sum(1) * inv_n_pos).sum()
+        den = (pair_w.sum(1) * inv_n_pos).sum()
+        return _safe_ratio(num, den)
+
+
+LOSSES = {"base": anchor_weighted_supcon, "entropy": pair_weighted_supcon}
+
+
+def contrastive_batch(prototypes: torch.Tensor, z_lb: torch.Tensor, y_lb: torch.Tensor,
+                      z_ulb_s1: torch.Tensor | None = None, z_ulb_s2: torch.Tensor | None = None,
+                      pseudo_labels: torch.Tensor | None = None,
+                      pseudo_weights: torch.Tensor | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows Z = [prototypes; z^x; z^1; z^2] with labels [0..K-1; y; yhat; yhat] and weights
+    [1; 1; w; w] (SPEC section 3). The unlabeled parts may be None (labeled-only training)."""
+    k = prototypes.shape[0]
+    dev = prototypes.device
+    feats = [prototypes, z_lb]
+    labels = [torch.arange(k, device=dev), y_lb.long()]
+    weights = [torch.ones(k + z_lb.shape[0], device=dev)]
+    if z_ulb_s1 is not None:
+        if pseudo_labels is None or pseudo_weights is None or z_ulb_s2 is None:
+            raise ValueError("z_ulb_s1, z_ulb_s2, pseudo_labels and pseudo_weights go together")
+        feats += [z_ulb_s1, z_ulb_s2]
+        labels += [pseudo_labels, pseudo_labels]
+        weights += [pseudo_weights.float(), pseudo_weights.float()]
+    dtype = torch.promote_types(prototypes.dtype, z_lb.dtype)
+    return (torch.cat([f.to(dtype) for f in feats]), torch.cat(labels), torch.cat(weights))

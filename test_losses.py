@@ -1,0 +1,363 @@
+"""losses.py against naive float64 loop references written from SPEC.md section 3."""
+import math
+
+import pytest
+import torch
+
+from losses import (anchor_weighted_supcon, assign_pseudo_labels, contrastive_batch, entropy,
+                    pair_weighted_supcon, prototype_probs)
+
+
+# ---------------------------------------------------------------- naive references (loops, float64)
+
+def ref_probs(z, c, t):
+    z, c = z.double().tolist(), c.double().tolist()
+    out = []
+    for zb in z:
+        nz = math.sqrt(sum(v * v for v in zb))
+        logits = []
+        for ck in c:
+            nc = math.sqrt(sum(v * v for v in ck))
+            logits.append(sum(a * b for a, b in zip(zb, ck)) / (nz * nc) / t)
+        m = max(logits)
+        e = [math.exp(l - m) for l in logits]
+        out.append([v / sum(e) for v in e])
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def ref_entropy(p):
+    return torch.tensor([-sum(q * math.log(q) for q in row if q > 0) for row in p.double().tolist()],
+                        dtype=torch.float64)
+
+
+def ref_assign(p, tau, beta, lam, weighting):
+    u, k = p.shape
+    labels, weights = [], []
+    for j, row in enumerate(p.double().tolist()):
+        conf = max(row)
+        pred = row.index(conf)
+        h = -sum(q * math.log(q) for q in row if q > 0)
+        if conf >= tau:
+            labels.append(pred); weights.append(1.0)
+        elif beta is not None and h < beta * math.log(k):
+            h_th = beta * math.log(k)
+            labels.append(pred)
+            if weighting == "exp":
+                weights.append(math.exp(-math.log(1 / lam) / h_th * h))
+            else:
+                weights.append(1 - (1 - lam) * h / h_th)
+        else:
+            labels.append(k + j); weights.append(lam)
+    return labels, weights
+
+
+def _ref_log_prob(f, t):
+    f = f.double().tolist()
+    z = []
+    for row in f:
+        nr = math.sqrt(sum(v * v for v in row))
+        z.append([v / nr for v in row])
+    n = len(z)
+    s = [[sum(a * b for a, b in zip(z[i], z[j])) / t for j in range(n)] for i in range(n)]
+    lp = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        den = math.log(sum(math.exp(s[i][a]) for a in range(n) if a != i))
+        for p in range(n):
+            lp[i][p] = s[i][p] - den
+    return lp
+
+
+def ref_anchor_weighted(f, y, w, t):
+    lp, y, w = _ref_log_prob(f, t), y.tolist(), w.double().tolist()
+    num = den = 0.0
+    for i in range(len(y)):
+        pos = [p for p in range(len(y)) if p != i and y[p] == y[i]]
+        if not pos:
+            continue
+        num += w[i] * -sum(lp[i][p] for p in pos) / len(pos)
+        den += w[i]
+    return num / den if den > 0 else 0.0
+
+
+def ref_pair_weighted(f, y, w, t, skip=None):
+    """Eq. (8); `skip` leaves one row's pair terms out on both sides (anchor and positive)."""
+    lp, y, w = _ref_log_prob(f, t), y.tolist(), w.double().tolist()
+    num = den = 0.0
+    for i in range(len(y)):
+        pos = [p for p in range(len(y)) if p != i and y[p] == y[i]]
+        if not pos or i == skip:
+            continue
+        num += sum(math.sqrt(w[i] * w[p]) * -lp[i][p] for p in pos if p != skip) / len(pos)
+        den += sum(math.sqrt(w[i] * w[p]) for p in pos if p != skip) / len(pos)
+    return num / den if den > 0 else 0.0
+
+
+def ref_supcon(f, y, t):
+    """Plain SupCon averaged over anchors that have positives."""
+    return ref_anchor_weighted(f, y, torch.ones(len(y)), t)
+
+
+def random_rows(n, d, n_labels, seed, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(n, d, generator=g) * scale  # unnormalised on purpose
+    y = torch.randint(0, n_labels, (n,), generator=g)
+    w = torch.rand(n, generator=g) + 0.05
+    return f, y, w
+
+
+# ---------------------------------------------------------------- Eq. (4), (9)
+
+@pytest.mark.parametrize("u,k,d", [(7, 10, 16), (20, 100, 32), (1, 2, 4)])
+def test_prototype_probs_matches_reference(u, k, d):
+    g = torch.Generator().manual_seed(u * k)
+    z, c = torch.randn(u, d, generator=g) * 5, torch.randn(k, d, generator=g)
+    for t in (0.1, 0.5):
+        got = prototype_probs(z, c, t)
+        assert got.dtype == torch.float32 and got.shape == (u, k)
+        torch.testing.assert_close(got.double(), ref_probs(z, c, t), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("k", [10, 100])
+def test_entropy_matches_reference(k):
+    g = torch.Generator().manual_seed(k)
+    p = torch.softmax(torch.randn(9, k, generator=g) * 4, 1)
+    p[0] = 0
+    p[0, 3] = 1  # one-hot: 0 log 0 = 0, H = 0
+    torch.testing.assert_close(entropy(p).double(), ref_entropy(p), atol=1e-5, rtol=1e-5)
+    assert entropy(p)[0] == 0
+    uniform = torch.full((1, k), 1.0 / k)
+    assert entropy(uniform).item() == pytest.approx(math.log(k), rel=1e-5)
+
+
+# ---------------------------------------------------------------- Eqs. (5), (7), (10)-(14)
+
+@pytest.mark.parametrize("k", [10, 100])
+@pytest.mark.parametrize("beta", [None, 0.2, 0.4])
+@pytest.mark.parametrize("weighting", ["exp", "linear"])
+def test_assign_pseudo_labels_matches_reference(k, beta, weighting):
+    g = torch.Generator().manual_seed(k + int(10 * (beta or 0)))
+    # a spread of sharpness so that confident, entropy-selected and unconfident rows all occur
+    sharp = torch.linspace(0.5, 30, 64)[:, None]
+    p = torch.softmax(torch.randn(64, k, generator=g) * sharp, 1)
+    labels, weights = assign_pseudo_labels(p, 0.95, beta, 0.2, weighting)
+    ref_l, ref_w = ref_assign(p, 0.95, beta, 0.2, weighting)
+    assert labels.dtype == torch.long
+    assert labels.tolist() == ref_l
+    torch.testing.assert_close(weights.double(), torch.tensor(ref_w, dtype=torch.float64),
+                               atol=1e-5, rtol=1e-5)
+    kinds = {("conf" if w == 1 else "uniq" if l >= k else "ent") for l, w in zip(ref_l, ref_w)}
+    assert {"conf", "uniq"} <= kinds and (beta is None or "ent" in kinds)
+
+
+def test_entropy_weight_endpoints():
+    """exp(-k H) is 1 at H = 0 and lambda at H = H_th; linear likewise."""
+    lam, beta, k = 0.2, 0.5, 4
+    h_th = beta * math.log(k)
+    # two-class-mass rows with a chosen entropy: p = (a, 1-a, 0, 0)
+    def row_with_entropy(h):
+        lo, hi = 0.5, 1.0
+        for _ in range(200):
+            a = (lo + hi) / 2
+            ha = -(a * math.log(a) + (1 - a) * math.log(1 - a))
+            lo, hi = (a, hi) if ha > h else (lo, a)
+        return [a, 1 - a, 0.0, 0.0]
+    p = torch.tensor([row_with_entropy(h_th * (1 - 1e-6)), row_with_entropy(1e-7)],
+                     dtype=torch.float64)
+    for weighting in ("exp", "linear"):
+        _, w = assign_pseudo_labels(p, threshold=1.0, entropy_ratio=beta, low_weight=lam,
+                                    weighting=weighting)
+        assert w[0].item() == pytest.approx(lam, abs=1e-4)
+        assert w[1].item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_baseline_never_selects_by_entropy_and_labels_are_unique():
+    p = torch.softmax(torch.randn(50, 10) * 3, 1)
+    labels, weights = assign_pseudo_labels(p, 0.95, None, 0.2)
+    conf = p.max(1).values >= 0.95
+    assert torch.all(weights[~conf] == 0.2) and torch.all(weights[conf] == 1)
+    uniq = labels[~conf]
+    assert torch.all(uniq >= 10) and len(set(uniq.tolist())) == len(uniq)
+    assert uniq.tolist() == (torch.nonzero(~conf).squeeze(1) + 10).tolist()
+
+
+def test_unconfident_views_are_each_others_only_positive():
+    k = 10
+    protos = torch.randn(k, 8)
+    p = torch.full((3, k), 1.0 / k)  # all unconfident, maximal entropy
+    pl, pw = assign_pseudo_labels(p, entropy_ratio=0.2)
+    z_lb, y_lb = torch.randn(2, 8), torch.tensor([1, 2])
+    f, y, w = contrastive_batch(protos, z_lb, y_lb, torch.randn(3, 8), torch.randn(3, 8), pl, pw)
+    for j in range(3):
+        row = k + 2 + j
+        mates = [i for i in range(len(y)) if i != row and y[i] == y[row]]
+        assert mates == [k + 2 + 3 + j]
+    torch.testing.assert_close(w, torch.tensor([1.0] * (k + 2) + [0.2] * 6))
+
+
+# ---------------------------------------------------------------- Eqs. (6), (8)
+
+@pytest.mark.parametrize("n,d,n_labels", [(12, 8, 3), (40, 16, 10), (30, 128, 100), (5, 4, 5)])
+@pytest.mark.parametrize("t", [0.1, 0.5])
+def test_losses_match_reference(n, d, n_labels, t):
+    f, y, w = random_rows(n, d, n_labels, seed=n + d)
+    got_a = anchor_weighted_supcon(f, y, w, t)
+    got_p = pair_weighted_supcon(f, y, w, t)
+    assert got_a.dtype == torch.float32 and got_a.dim() == 0
+    assert got_a.item() == pytest.approx(ref_anchor_weighted(f, y, w, t), rel=1e-4, abs=1e-5)
+    assert got_p.item() == pytest.approx(ref_pair_weighted(f, y, w, t), rel=1e-4, abs=1e-5)
+
+
+def test_losses_on_a_realistic_batch_with_absent_classes():
+    """[prototypes; labeled; strong1; strong2] with K=100, many classes absent from the batch."""
+    k, b, u, d = 100, 6, 10, 32
+    g = torch.Generator().manual_seed(0)
+    protos = torch.randn(k, d, generator=g)
+    p = torch.softmax(torch.randn(u, k, generator=g) * torch.linspace(1, 40, u)[:, None], 1)
+    pl, pw = assign_pseudo_labels(p, 0.95, 0.2)
+    f, y, w = contrastive_batch(protos, torch.randn(b, d, generator=g),
+                                torch.tensor([3, 3, 7, 50, 99, 0]),
+                                torch.randn(u, d, generator=g), torch.randn(u, d, generator=g),
+                                pl, pw)
+    assert f.shape == (k + b + 2 * u, d)
+    assert anchor_weighted_supcon(f, y, w).item() == pytest.approx(
+        ref_anchor_weighted(f, y, w, 0.1), rel=1e-4)
+    assert pair_weighted_supcon(f, y, w).item() == pytest.approx(
+        ref_pair_weighted(f, y, w, 0.1), rel=1e-4)
+
+
+def test_equal_weights_reduce_to_supcon_and_scaling_changes_nothing():
+    f, y, w = random_rows(30, 16, 6, seed=1)
+    ones = torch.ones(30)
+    sup = ref_supcon(f, y, 0.1)
+    for c in (1.0, 0.3, 7.0):
+        assert anchor_weighted_supcon(f, y, ones * c).item() == pytest.approx(sup, rel=1e-5)
+        assert pair_weighted_supcon(f, y, ones * c).item() == pytest.approx(sup, rel=1e-5)
+    for loss in (anchor_weighted_supcon, pair_weighted_supcon):
+        assert loss(f, y, w * 13.0).item() == pytest.approx(loss(f, y, w).item(), rel=1e-5)
+
+
+def test_zero_weight_row_neither_anchors_nor_is_a_positive_in_eq8():
+    f, y, w = random_rows(20, 8, 4, seed=2)
+    r = 5
+    w[r] = 0
+    got = pair_weighted_supcon(f, y, w).item()
+    assert got == pytest.approx(ref_pair_weighted(f, y, w, 0.1, skip=r), rel=1e-5)
+    # and it is not the plain formula with the row's weight ignored
+    assert got != pytest.approx(ref_pair_weighted(f, y, torch.where(w == 0, 1.0, w), 0.1), rel=1e-3)
+
+
+def test_rows_without_positives_are_left_out():
+    f, y, w = random_rows(10, 8, 3, seed=3)
+    y_extra = torch.cat([y, torch.tensor([777])])  # a row whose label no other row has
+    f_extra = torch.cat([f, torch.randn(1, 8)])
+    for loss, ref in ((anchor_weighted_supcon, ref_anchor_weighted),
+                      (pair_weighted_supcon, ref_pair_weighted)):
+        got = loss(f_extra, y_extra, torch.cat([w, torch.tensor([5.0])])).item()
+        assert got == pytest.approx(ref(f_extra, y_extra, torch.cat([w, torch.tensor([5.0])]), 0.1),
+                                    rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", [anchor_weighted_supcon, pair_weighted_supcon])
+def test_no_positive_at_all_gives_zero_loss_that_backpropagates(loss):
+    f = torch.randn(6, 8, requires_grad=True)
+    out = loss(f, torch.arange(6), torch.ones(6))
+    out.backward()
+    assert out.item() == 0 and torch.isfinite(f.grad).all()
+    f1 = torch.randn(1, 8, requires_grad=True)  # a single row
+    out1 = loss(f1, torch.tensor([0]), torch.ones(1))
+    out1.backward()
+    assert out1.item() == 0 and torch.isfinite(f1.grad).all()
+    f2 = torch.randn(4, 8, requires_grad=True)  # positives exist but every weight is 0
+    out2 = loss(f2, torch.tensor([0, 0, 1, 1]), torch.zeros(4))
+    out2.backward()
+    assert out2.item() == 0 and torch.isfinite(f2.grad).all()
+
+
+@pytest.mark.parametrize("loss", [anchor_weighted_supcon, pair_weighted_supcon])
+def test_gradients_finite_and_match_float64(loss):
+    f, y, w = random_rows(25, 16, 5, seed=4)
+    f32 = f.clone().requires_grad_(True)
+    f64 = f.double().clone().requires_grad_(True)
+    loss(f32, y, w).backward()
+    loss(f64, y, w.double()).backward()
+    assert torch.isfinite(f32.grad).all()
+    torch.testing.assert_close(f32.grad.double(), f64.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("loss", [anchor_weighted_supcon, pair_weighted_supcon])
+def test_half_inputs_and_autocast_compute_in_float32(loss):
+    f, y, w = random_rows(40, 32, 6, seed=5)
+    ref = loss(f, y, w).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = loss(f, y, w)
+    assert out.dtype == torch.float32
+    assert out.item() == pytest.approx(ref, rel=1e-5)
+    out_bf16 = loss(f.bfloat16(), y, w.bfloat16())  # bf16 inputs: rounding of inputs only
+    assert out_bf16.dtype == torch.float32
+    assert out_bf16.item() == pytest.approx(ref, rel=2e-2)
+    out_f16 = loss(f.half(), y, w.half())
+    assert out_f16.item() == pytest.approx(ref, rel=5e-3)
+
+
+def test_prototype_probs_under_autocast_is_float32():
+    z, c = torch.randn(8, 16), torch.randn(10, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q = prototype_probs(z, c)
+    assert q.dtype == torch.float32
+    torch.testing.assert_close(q, prototype_probs(z, c))
+
+
+def test_large_logits_are_stable():
+    f = torch.randn(16, 8)
+    y = torch.randint(0, 3, (16,))
+    for loss in (anchor_weighted_supcon, pair_weighted_supcon):
+        out = loss(f, y, torch.ones(16), temperature=1e-3)  # logits up to 1000
+        assert torch.isfinite(out)
+
+
+def test_contrastive_batch_labeled_only():
+    f, y, w = contrastive_batch(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))
+    assert f.shape == (8, 4) and y.tolist() == [0, 1, 2, 0, 1, 2, 0, 1] and w.tolist() == [1.0] * 8
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("loss", [anchor_weighted_supcon, pair_weighted_supcon])
+def test_loss_bad_input(loss):
+    f, y, w = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]), torch.ones(6)
+    bad = [
+        (f[:5], y, w),                         # mismatched lengths
+        (f, y[:5], w),
+        (f, y, w[:5]),
+        (f[None], y, w),                       # wrong rank
+        (f, y[None], w),
+        (f, y, w[None]),
+        (f, y.float(), w),                     # non-integer labels
+        (f, y, -w),                            # negative weights
+        (f, y, w * float("nan")),
+        (f, y, torch.ones(6, dtype=torch.long)),
+    ]
+    for args in bad:
+        with pytest.raises(ValueError):
+            loss(*args)
+    with pytest.raises(ValueError):
+        loss(f, y, w, temperature=0.0)
+
+
+def test_pseudo_label_bad_input():
+    p = torch.softmax(torch.randn(4, 5), 1)
+    with pytest.raises(ValueError, match="sum to 1"):
+        assign_pseudo_labels(p * 2)
+    with pytest.raises(ValueError, match="sum to 1"):
+        entropy(p * 2)
+    with pytest.raises(ValueError, match="weighting"):
+        assign_pseudo_labels(p, entropy_ratio=0.2, weighting="cubic")
+    for lam in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="low_weight"):
+            assign_pseudo_labels(p, low_weight=lam)
+    with pytest.raises(ValueError, match="entropy_ratio"):
+        assign_pseudo_labels(p, entropy_ratio=1.5)
+    with pytest.raises(ValueError, match="2-D"):
+        assign_pseudo_labels(p[0])
+    with pytest.raises(ValueError):
+        prototype_probs(torch.randn(4, 8), torch.randn(5, 7))

@@ -1,0 +1,410 @@
+"""Datasets, the labeled/unlabeled split, index sampling and batched on-device augmentation.
+
+The training images live on the training device as uint8 (N, 3, H, W). A step draws index
+batches and augments whole batches at once with per-image random parameters (SPEC section 5, 8):
+
+    weak   alpha : horizontal flip, then translation by up to 4 px with reflect padding
+    strong A     : weak, then RandAugment as in USB / [G] (3 ops drawn with replacement from 14,
+                   each always applied, magnitude uniform in its range), then Cutout
+
+The 14 ops fall in three families that each run as one batched operation:
+    affine (Rotate, ShearX/Y, TranslateX/Y): one gather with a per-image affine map, PIL's
+        nearest-neighbour convention (sample input at floor(A (x+0.5, y+0.5) + t)), black fill;
+    enhance (Brightness, Color, Contrast, Sharpness): PIL ImageEnhance, i.e. a blend
+        degenerate + v (img - degenerate) truncated to uint8, with a per-image degenerate image;
+    lookup (AutoContrast, Equalize, Posterize, Solarize): one per-image, per-channel 256-entry
+        table, applied with one gather.
+Images stay float32 holding integers 0..255 between ops, so every op quantises like PIL's.
+On CUDA each family runs over the whole batch (images with another op get the identity
+parameters), so there is no host synchronisation; on CPU only the images that drew an op of
+the family are processed, since finding them costs nothing there.
+"""
+import math
+import os
+import socket
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------- datasets
+
+CIFAR_URLS = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+              "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"}
+CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+
+def load_dataset(name: str, data_dir: str = "data") -> dict:
+    """`cifar10`, `cifar100` (torchvision, downloaded into data_dir) or `npz:PATH`.
+
+    Returns a dict with numpy arrays x_train (N, H, W, 3) uint8, y_train (N,) int64, x_test,
+    y_test, and `classes` (list of names) and `num_classes`.
+    """
+    if name.startswith("npz:"):
+        return load_npz(name[4:])
+    if name in CIFAR_URLS:
+        return load_cifar(name, data_dir)
+    raise ValueError(f"unknown dataset {name!r}: use cifar10, cifar100 or npz:PATH")
+
+
+def load_cifar(name: str, data_dir: str) -> dict:
+    import torchvision
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    folder = os.path.join(data_dir, CIFAR_FOLDERS[name])
+    if not os.path.isdir(folder):
+        old_timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(60)  # a blocked network should fail, not hang
+        try:
+            cls(data_dir, train=True, download=True)
+        except Exception as e:  # noqa: BLE001 - any download failure gets the same advice
+            raise RuntimeError(
+                f"{name} is not in {os.path.abspath(data_dir)} and could not be downloaded "
+                f"({type(e).__name__}: {e}). Download {CIFAR_URLS[name]} and extract it into "
+                f"{os.path.abspath(data_dir)} (so that {folder}/ exists), then run again "
+                f"with --data-dir {data_dir}") from None
+        finally:
+            socket.setdefaulttimeout(old_timeout)
+    train, test = cls(data_dir, train=True), cls(data_dir, train=False)
+    return {"x_train": np.asarray(train.data, dtype=np.uint8),
+            "y_train": np.asarray(train.targets, dtype=np.int64),
+            "x_test": np.asarray(test.data, dtype=np.uint8),
+            "y_test": np.asarray(test.targets, dtype=np.int64),
+            "classes": list(train.classes), "num_classes": len(train.classes)}
+
+
+def load_npz(path: str) -> dict:
+    """A dataset as arrays x_train (N,H,W,3) uint8, y_train (N,) int in [0,K), x_test, y_test,
+    optional classes. Every inconsistency is a ValueError that says what to fix."""
+    if not os.path.isfile(path):
+        raise ValueError(f"npz dataset {path!r} does not exist")
+    try:
+        f = np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"cannot read {path!r} as an .npz file: {e}") from None
+    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
+    if missing:
+        raise ValueError(f"{path}: missing arrays {missing}; expected x_train, y_train, x_test, "
+                         "y_test (and optional classes)")
+    d = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    for split in ("train", "test"):
+        x, y = d[f"x_{split}"], d[f"y_{split}"]
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"{path}: x_{split} must have shape (N, H, W, 3), got {x.shape} "
+                             "(for grayscale use np.repeat(x[..., None], 3, -1))")
+        if x.dtype != np.uint8:
+            raise ValueError(f"{path}: x_{split} must be uint8 in 0..255, got {x.dtype}")
+        if y.ndim != 1 or len(y) != len(x):
+            raise ValueError(f"{path}: y_{split} must have shape ({len(x)},), got {y.shape}")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"{path}: y_{split} must be integers, got {y.dtype}")
+        if len(x) == 0:
+            raise ValueError(f"{path}: x_{split} is empty")
+    if d["x_train"].shape[1:] != d["x_test"].shape[1:]:
+        raise ValueError(f"{path}: train and test images differ in size: "
+                         f"{d['x_train'].shape[1:]} vs {d['x_test'].shape[1:]}")
+    classes = [str(c) for c in f["classes"]] if "classes" in f.files else None
+    k = len(classes) if classes is not None else int(d["y_train"].max()) + 1
+    for split in ("train", "test"):
+        y = d[f"y_{split}"]
+        if y.min() < 0 or y.max() >= k:
+            raise ValueError(f"{path}: y_{split} must lie in [0, {k}), found {y.min()}..{y.max()}")
+    d["y_train"], d["y_test"] = d["y_train"].astype(np.int64), d["y_test"].astype(np.int64)
+    d["classes"] = classes or [str(i) for i in range(k)]
+    d["num_classes"] = k
+    return d
+
+
+def split_labeled(y: np.ndarray, n_per_class: int, seed: int, num_classes: int | None = None
+                  ) -> np.ndarray:
+    """Indices of the labeled set: for each class k = 0..K-1 in turn, a shuffle of its indices by
+    one numpy Generator seeded with `seed`, of which the first n_per_class are taken.
+    The unlabeled set is the whole training set (labels dropped), as in FixMatch and [G]."""
+    y = np.asarray(y)
+    k = num_classes if num_classes is not None else int(y.max()) + 1
+    if n_per_class < 1:
+        raise ValueError(f"labels per class must be >= 1, got {n_per_class}")
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in range(k):
+        idx = np.flatnonzero(y == c)
+        if len(idx) < n_per_class:
+            raise ValueError(f"class {c} has {len(idx)} training images, fewer than the "
+                             f"{n_per_class} labels per class asked for")
+        rng.shuffle(idx)
+        out.append(idx[:n_per_class])
+    return np.concatenate(out).astype(np.int64)
+
+
+def channel_stats(x_train: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the training images, in [0, 1] units."""
+    x = x_train.reshape(-1, 3).astype(np.float64) / 255.0
+    return x.mean(0).tolist(), x.std(0).tolist()
+
+
+def to_tensor_images(x: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """(N, H, W, 3) uint8 numpy -> (N, 3, H, W) uint8 tensor on `device` (the data stays uint8)."""
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+
+
+class IndexSampler:
+    """Index batches from one set: a stream of seeded random permutations (one per pass over the
+    set), cut into batches. A batch larger than the set spans several permutations, as
+    FixMatch's replacement-free repetition of the few labeled images does. No host sync."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
+        if n < 1 or batch_size < 1:
+            raise ValueError(f"IndexSampler needs n >= 1 and batch_size >= 1, got {n}, {batch_size}")
+        self.n, self.batch_size, self.g = n, batch_size, generator
+        self.buf = torch.empty(0, dtype=torch.long, device=generator.device)
+        self.pos = 0
+
+    def next(self) -> torch.Tensor:
+        while self.buf.numel() - self.pos < self.batch_size:
+            perm = torch.randperm(self.n, generator=self.g, device=self.g.device)
+            self.buf, self.pos = torch.cat([self.buf[self.pos:], perm]), 0
+        out = self.buf[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return out
+
+    def state_dict(self) -> dict:
+        return {"buf": self.buf[self.pos:].cpu(), "rng": self.g.get_state()}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.buf, self.pos = s["buf"].to(self.g.device), 0
+        self.g.set_state(s["rng"])
+
+
+# ---------------------------------------------------------------- augmentation ops
+
+OPS = ["AutoContrast", "Brightness", "Color", "Contrast", "Equalize", "Identity", "Posterize",
+       "Rotate", "Sharpness", "ShearX", "ShearY", "Solarize", "TranslateX", "TranslateY"]
+RANGES = {"AutoContrast": (0, 1), "Brightness": (0.05, 0.95), "Color": (0.05, 0.95),
+          "Contrast": (0.05, 0.95), "Equalize": (0, 1), "Identity": (0, 1), "Posterize": (4, 8),
+          "Rotate": (-30, 30), "Sharpness": (0.05, 0.95), "ShearX": (-0.3, 0.3),
+          "ShearY": (-0.3, 0.3), "Solarize": (0, 256), "TranslateX": (-0.3, 0.3),
+          "TranslateY": (-0.3, 0.3)}
+OP = {name: i for i, name in enumerate(OPS)}
+AFFINE = [OP[o] for o in ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY")]
+ENHANCE = [OP[o] for o in ("Brightness", "Color", "Contrast", "Sharpness")]
+LOOKUP = [OP[o] for o in ("AutoContrast", "Equalize", "Posterize", "Solarize")]
+CUTOUT_FILL = (125.0, 123.0, 114.0)
+_LO = torch.tensor([RANGES[o][0] for o in OPS], dtype=torch.float32)
+_HI = torch.tensor([RANGES[o][1] for o in OPS], dtype=torch.float32)
+
+
+def _gather_pixels(x: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor) -> torch.Tensor:
+    """out[n, c, y, x] = x[n, c, iy[n, y, x], ix[n, y, x]], 0 where (iy, ix) is outside.
+    iy, ix hold integers as float32 (index arithmetic in float32 is exact here and ~2x cheaper
+    than in int64 on CPU)."""
+    n, c, h, w = x.shape
+    valid = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
+    idx = (iy.clamp(0, h - 1) * w + ix.clamp(0, w - 1)).long()
+    out = x.reshape(n, c, h * w).gather(2, idx.view(n, 1, h * w).expand(n, c, h * w))
+    return torch.where(valid.unsqueeze(1), out.view(n, c, h, w), 0.0)
+
+
+def _affine(x: torch.Tensor, op: torch.Tensor, v: torch.Tensor, present=AFFINE) -> torch.Tensor:
+    """Rotate / ShearX / ShearY / TranslateX / TranslateY as PIL's Image.transform(AFFINE) and
+    Image.rotate do with NEAREST: output pixel (x, y) reads input floor(A (x+.5, y+.5) + t)."""
+    n, _, h, w = x.shape
+    one, zero = torch.ones_like(v), torch.zeros_like(v)
+    a, b, c, d, e, f = one, zero, zero, zero, one, zero
+    b = torch.where(op == OP["ShearX"], v, b)
+    d = torch.where(op == OP["ShearY"], v, d)
+    c = torch.where(op == OP["TranslateX"], v * w, c)
+    f = torch.where(op == OP["TranslateY"], v * h, f)
+    rot = op == OP["Rotate"]
+    theta = -torch.deg2rad(v)  # PIL turns counter-clockwise by v degrees about (w/2, h/2)
+    cx, cy = w / 2.0, h / 2.0
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    a, b = torch.where(rot, cos, a), torch.where(rot, sin, b)
+    d, e = torch.where(rot, -sin, d), torch.where(rot, cos, e)
+    c = torch.where(rot, cx - cos * cx - sin * cy, c)
+    f = torch.where(rot, cy + sin * cx - cos * cy, f)
+    ys = (torch.arange(h, device=x.device, dtype=torch.float32) + 0.5).view(1, h, 1)
+    xs = (torch.arange(w, device=x.device, dtype=torch.float32) + 0.5).view(1, 1, w)
+    p = [t.view(n, 1, 1) for t in (a, b, c, d, e, f)]
+    x_in = p[0] * xs + p[1] * ys + p[2]
+    y_in = p[3] * xs + p[4] * ys + p[5]
+    return _gather_pixels(x, torch.floor(y_in), torch.floor(x_in))
+
+
+def _grayscale(x: torch.Tensor) -> torch.Tensor:
+    """PIL's RGB -> L: (19595 R + 38470 G + 7471 B + 2^15) >> 16 (exact in float32)."""
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    return torch.floor((19595.0 * r + 38470.0 * g + 7471.0 * b + 32768.0) / 65536.0)
+
+
+def _smooth(x: torch.Tensor) -> torch.Tensor:
+    """PIL ImageFilter.SMOOTH: 3x3 kernel [1 1 1; 1 5 1; 1 1 1] / 13, rounded; border pixels kept.
+    Written as a 3x3 box sum plus 4x the centre: on CPU this is ~10x faster than a depthwise conv."""
+    rows = x[:, :, :-2] + x[:, :, 1:-1] + x[:, :, 2:]
+    box = rows[:, :, :, :-2] + rows[:, :, :, 1:-1] + rows[:, :, :, 2:]
+    inner = torch.floor((box + 4.0 * x[:, :, 1:-1, 1:-1]) / 13.0 + 0.5)
+    out = x.clone()
+    out[:, :, 1:-1, 1:-1] = inner
+    return out
+
+
+def _enhance(x: torch.Tensor, op: torch.Tensor, v: torch.Tensor, present=ENHANCE) -> torch.Tensor:
+    """PIL ImageEnhance: Image.blend(degenerate, img, v) = trunc(deg + v (img - deg)), clipped.
+    Degenerate: black (Brightness), grayscale (Color), mean gray level (Contrast), SMOOTH-filtered
+    (Sharpness). Images with another op get factor 1, which returns them unchanged exactly.
+    `present` lists the ops that may occur, so that the CPU path computes no unused degenerate."""
+    o = op.view(-1, 1, 1, 1)
+    deg = torch.zeros_like(x[:, :1])
+    if OP["Color"] in present or OP["Contrast"] in present:
+        gray = _grayscale(x)
+        deg = torch.where(o == OP["Color"], gray, deg)
+        mean = torch.floor(gray.mean(dim=(1, 2, 3), keepdim=True) + 0.5)
+        deg = torch.where(o == OP["Contrast"], mean, deg)
+    if OP["Sharpness"] in present:
+        deg = torch.where(o == OP["Sharpness"], _smooth(x), deg)
+    factor = torch.where(torch.isin(op, torch.tensor(ENHANCE, device=op.device)), v, 1.0)
+    return torch.floor((deg + factor.view(-1, 1, 1, 1) * (x - deg)).clamp(0, 255))
+
+
+def _lookup(x: torch.Tensor, op: torch.Tensor, v: torch.Tensor, present=LOOKUP) -> torch.Tensor:
+    """PIL ImageOps: Solarize, Posterize as pixel maps; AutoContrast, Equalize as per-image,
+    per-channel 256-entry tables, built in float64 because PIL builds them in Python floats.
+    Images with another op are returned unchanged."""
+    n, c, h, w = x.shape
+    o = op.view(n, 1, 1, 1)
+    vv = v.view(n, 1, 1, 1)
+    if OP["Solarize"] in present:  # invert the values >= threshold
+        x = torch.where((o == OP["Solarize"]) & (x >= vv), 255.0 - x, x)
+    if OP["Posterize"] in present:  # keep the top int(v) bits
+        step = torch.where(o == OP["Posterize"], torch.exp2(8 - torch.floor(vv)), 1.0)
+        x = torch.floor(x / step) * step
+    if OP["AutoContrast"] not in present and OP["Equalize"] not in present:
+        return x
+    xl = x.long().view(n, c, h * w)
+    i = torch.arange(256, device=x.device, dtype=torch.float64).expand(n, c, 256)
+    o = op.view(n, 1, 1)
+    lut = i
+    hi_x = x.amax(dim=(2, 3))
+    if OP["AutoContrast"] in present:  # stretch [min, max] of each channel to [0, 255]
+        lo = x.amin(dim=(2, 3)).double().unsqueeze(2)
+        hi = hi_x.double().unsqueeze(2)
+        # a true division as in PIL: `255.0 / tensor` would multiply by a rounded reciprocal
+        scale = torch.full_like(hi, 255.0) / (hi - lo).clamp(min=1)
+        stretched = torch.floor(i * scale - lo * scale).clamp(0, 255)
+        lut = torch.where((o == OP["AutoContrast"]) & (hi > lo), stretched, lut)
+    if OP["Equalize"] in present:  # PIL: step = (count - count of the last nonzero bin) // 255,
+        hist = torch.zeros(n, c, 256, device=x.device, dtype=torch.float64)  # lut[i] =
+        hist.scatter_add_(2, xl, torch.ones_like(xl, dtype=torch.float64))  # (step // 2 +
+        last = hist.gather(2, hi_x.long().unsqueeze(2))                     # #pixels < i) // step
+        step_eq = torch.floor((h * w - last) / 255.0)
+        below = torch.cumsum(hist, 2) - hist
+        equalized = torch.floor((torch.floor(step_eq / 2) + below) / step_eq.clamp(min=1))
+        lut = torch.where((o == OP["Equalize"]) & (step_eq > 0), equalized.clamp(0, 255), lut)
+    return lut.to(x.dtype).gather(2, xl).view(n, c, h, w)
+
+
+_FAMILIES = ((AFFINE, _affine), (ENHANCE, _enhance), (LOOKUP, _lookup))
+_FAMILY_OF = {k: fn for members, fn in _FAMILIES for k in members}
+
+
+def apply_ops(x: torch.Tensor, op: torch.Tensor, v: torch.Tensor, subset: bool | None = None,
+              inplace: bool = False) -> torch.Tensor:
+    """Apply op[i] with magnitude v[i] to image i of x (float, integer values 0..255, N,3,H,W).
+    subset=True runs each op on its own images only (it needs a host sync: the CPU default);
+    False runs each family on the whole batch with identity parameters for the images that drew
+    another op (no sync: the CUDA default). inplace=True lets the subset path write into x."""
+    subset = x.device.type == "cpu" if subset is None else subset
+    if not subset:
+        for members, fn in _FAMILIES:
+            sel = torch.isin(op, torch.tensor(members, device=op.device))
+            x = fn(x, torch.where(sel, op, OP["Identity"]), v)
+        return x
+    out = x if inplace else x.clone()
+    for k in op.unique().tolist():
+        if k != OP["Identity"]:
+            idx = (op == k).nonzero().squeeze(1)
+            out.index_copy_(0, idx, _FAMILY_OF[k](x[idx], op[idx], v[idx], present=(k,)))
+    return out
+
+
+def flip_translate(x: torch.Tensor, flip: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor
+                   ) -> torch.Tensor:
+    """Per image: horizontal flip where flip[i], then out[y, x] = in[y + dy[i], x + dx[i]] with
+    reflect padding (numpy/torch 'reflect': index -1 reads 1). Float32 out."""
+    n, _, h, w = x.shape
+    dev = x.device
+
+    def reflect(i, size):
+        i = i.abs()
+        return torch.where(i > size - 1, 2 * (size - 1) - i, i)
+
+    iy = reflect(torch.arange(h, device=dev).view(1, h, 1) + dy.view(n, 1, 1), h).expand(n, h, w)
+    ix = reflect(torch.arange(w, device=dev).view(1, 1, w) + dx.view(n, 1, 1), w)
+    ix = torch.where(flip.view(n, 1, 1), w - 1 - ix, ix).expand(n, h, w)
+    return _gather_pixels(x.float(), iy.float(), ix.float())
+
+
+def weak(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """alpha: random horizontal flip, then a random translation of -pad..pad px in x and y with
+    reflect padding (torchvision RandomHorizontalFlip + RandomCrop(padding=pad, 'reflect')).
+    uint8 or float (N, 3, H, W) in, float32 holding integers 0..255 out."""
+    n, dev = x.shape[0], x.device
+    flip = torch.rand(n, generator=g, device=dev) < 0.5
+    dy = torch.randint(-pad, pad + 1, (n,), generator=g, device=dev)
+    dx = torch.randint(-pad, pad + 1, (n,), generator=g, device=dev)
+    return flip_translate(x, flip, dy, dx)
+
+
+def rand_augment(x: torch.Tensor, g: torch.Generator, n_ops: int = 3) -> torch.Tensor:
+    """USB RandAugment: n_ops ops drawn with replacement per image, magnitude U(lo, hi) each."""
+    n, dev = x.shape[0], x.device
+    ops = torch.randint(0, len(OPS), (n_ops, n), generator=g, device=dev)
+    u = torch.rand(n_ops, n, generator=g, device=dev)
+    lo, hi = _LO.to(dev)[ops], _HI.to(dev)[ops]
+    x = x.clone()  # ours to overwrite from here on
+    for j in range(n_ops):
+        x = apply_ops(x, ops[j], lo[j] + (hi[j] - lo[j]) * u[j], inplace=True)
+    return x
+
+
+def cutout(x: torch.Tensor, g: torch.Generator, max_frac: float = 0.5) -> torch.Tensor:
+    """Cutout as in USB: side s = U(0, max_frac) * W, centre uniform in the image,
+    x0 = int(max(0, cx - s/2)), x1 = int(min(W, x0 + s)) (same for y), grey fill."""
+    n, _, h, w = x.shape
+    dev = x.device
+    side = torch.rand(n, generator=g, device=dev) * max_frac * w
+    cx = torch.rand(n, generator=g, device=dev) * w
+    cy = torch.rand(n, generator=g, device=dev) * h
+    x0 = torch.floor((cx - side / 2).clamp(min=0))
+    y0 = torch.floor((cy - side / 2).clamp(min=0))
+    x1 = torch.floor((x0 + side).clamp(max=w))
+    y1 = torch.floor((y0 + side).clamp(max=h))
+    return fill_box(x, y0, x0, y1, x1)
+
+
+def fill_box(x: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor, y1: torch.Tensor,
+             x1: torch.Tensor) -> torch.Tensor:
+    """Fill pixels y0 <= y < y1, x0 <= x < x1 of each image with the grey (125, 123, 114)."""
+    n, _, h, w = x.shape
+    xs = torch.arange(w, device=x.device).view(1, 1, w)
+    ys = torch.arange(h, device=x.device).view(1, h, 1)
+    box = ((xs >= x0.view(n, 1, 1)) & (xs < x1.view(n, 1, 1)) &
+           (ys >= y0.view(n, 1, 1)) & (ys < y1.view(n, 1, 1))).unsqueeze(1)
+    fill = torch.tensor(CUTOUT_FILL, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return torch.where(box, fill, x)
+
+
+def strong(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """A: weak, RandAugment(3 ops), Cutout. uint8 (N, 3, H, W) in, float32 0..255 out."""
+    return cutout(rand_augment(weak(x, g), g), g)
+
+
+class Normalize:
+    """(x / 255 - mean) / std per channel, optionally to channels_last (for the conv net)."""
+
+    def __init__(self, mean: list[float], std: list[float], device, channels_last: bool = False):
+        self.scale = (1.0 / (255.0 * torch.tensor(std, device=device))).view(1, 3, 1, 1)
+        self.shift = (torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(1, 3, 1, 1)
+        self.channels_last = channels_last
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.float() * self.scale - self.shift
+        return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out

@@ -1,0 +1,108 @@
+"""WideResNet-28-2 backbone (as in FixMatch / [G]), projection head and class prototypes (SPEC 6).
+
+Encoder f = backbone -> head Linear(C,128) -> ReLU -> Linear(128,128) -> L2 normalisation.
+Prototypes c_1..c_K are a trainable (K, 128) parameter, normalised where they are used.
+"""
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BN_MOMENTUM = 0.001  # FixMatch's TF momentum 0.999 in PyTorch's convention
+LEAKY = 0.1
+
+
+def bn(c: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c, momentum=BN_MOMENTUM)
+
+
+class BasicBlock(nn.Module):
+    """Pre-activation block: BN -> LeakyReLU -> conv3x3 -> BN -> LeakyReLU -> conv3x3, plus the
+    shortcut. `activate_before_residual` (first group) feeds the activated input to the shortcut,
+    as FixMatch's TF original does; elsewhere the shortcut sees the raw input."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, activate_before_residual: bool = False):
+        super().__init__()
+        self.bn1, self.bn2 = bn(c_in), bn(c_out)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.shortcut = (nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False)
+                         if c_in != c_out or stride != 1 else None)
+        self.activate_before_residual = activate_before_residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = F.leaky_relu(self.bn1(x), LEAKY)
+        if self.activate_before_residual:
+            x = o
+        o = self.conv2(F.leaky_relu(self.bn2(self.conv1(o)), LEAKY))
+        return (x if self.shortcut is None else self.shortcut(x)) + o
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-width for 32x32 inputs (any size works: the pool is global)."""
+
+    def __init__(self, depth: int = 28, width: int = 2):
+        super().__init__()
+        if (depth - 4) % 6 or depth < 10:
+            raise ValueError(f"WRN depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...), got {depth}")
+        n = (depth - 4) // 6
+        widths = [16, 16 * width, 32 * width, 64 * width]
+        self.stem = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        blocks = []
+        for g, stride in enumerate((1, 2, 2)):
+            for i in range(n):
+                blocks.append(BasicBlock(widths[g] if i == 0 else widths[g + 1], widths[g + 1],
+                                         stride if i == 0 else 1,
+                                         activate_before_residual=(g == 0 and i == 0)))
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = bn(widths[3])
+        self.out_dim = widths[3]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.leaky_relu(self.bn(self.blocks(self.stem(x))), LEAKY)
+        return x.mean(dim=(2, 3))
+
+
+class Encoder(nn.Module):
+    """Backbone + projection head (L2-normalised output) + K class prototypes."""
+
+    def __init__(self, num_classes: int, arch: str = "wrn-28-2", dim: int = 128):
+        super().__init__()
+        depth, width = parse_arch(arch)
+        self.backbone = WideResNet(depth, width)
+        self.head = nn.Sequential(nn.Linear(self.backbone.out_dim, dim), nn.ReLU(inplace=True),
+                                  nn.Linear(dim, dim))
+        self.prototypes = nn.Parameter(torch.randn(num_classes, dim))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.xavier_normal_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.backbone(x)), dim=1)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Nearest prototype by cosine similarity (SPEC 3, Prediction)."""
+        z = self(x).float()
+        return (z @ F.normalize(self.prototypes.float(), dim=1).T).argmax(1)
+
+
+def parse_arch(arch: str) -> tuple[int, int]:
+    m = re.fullmatch(r"wrn-(\d+)-(\d+)", arch)
+    if not m:
+        raise ValueError(f"--arch must look like wrn-DEPTH-WIDTH (e.g. wrn-28-2, wrn-10-1), got {arch!r}")
+    depth, width = int(m.group(1)), int(m.group(2))
+    if (depth - 4) % 6 or depth < 10 or width < 1:
+        raise ValueError(f"--arch {arch}: depth must be 6n + 4 >= 10 and width >= 1")
+    return depth, width
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

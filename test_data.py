@@ -1,0 +1,273 @@
+"""data.py: datasets, split, sampler, and every augmentation op against PIL / torchvision."""
+import os
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageDraw, ImageEnhance, ImageOps
+
+import data
+
+SHARED_NPZ = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data",
+                          "cifar10-5k.npz")
+
+
+def real_images(n=48):
+    """Real CIFAR images when ../shared is there; otherwise smooth synthetic 32x32 images with
+    edges, flat areas and saturated pixels (so every op has something to do)."""
+    if os.path.exists(SHARED_NPZ):
+        return np.load(SHARED_NPZ)["x_train"][:n]
+    g = torch.Generator().manual_seed(0)
+    low = torch.rand(n, 3, 4, 4, generator=g) * 300 - 20
+    x = torch.nn.functional.interpolate(low, size=32, mode="bilinear", align_corners=False)
+    x = x + 25 * torch.randn(n, 3, 32, 32, generator=g)
+    return x.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+# ---------------------------------------------------------------- PIL reference (USB's RandAugment ops)
+
+def pil_op(img, name, v):
+    w, h = img.size
+    return {
+        "AutoContrast": lambda: ImageOps.autocontrast(img),
+        "Brightness": lambda: ImageEnhance.Brightness(img).enhance(v),
+        "Color": lambda: ImageEnhance.Color(img).enhance(v),
+        "Contrast": lambda: ImageEnhance.Contrast(img).enhance(v),
+        "Equalize": lambda: ImageOps.equalize(img),
+        "Identity": lambda: img,
+        "Posterize": lambda: ImageOps.posterize(img, int(v)),
+        "Rotate": lambda: img.rotate(v),
+        "Sharpness": lambda: ImageEnhance.Sharpness(img).enhance(v),
+        "ShearX": lambda: img.transform(img.size, Image.AFFINE, (1, v, 0, 0, 1, 0)),
+        "ShearY": lambda: img.transform(img.size, Image.AFFINE, (1, 0, 0, v, 1, 0)),
+        "Solarize": lambda: ImageOps.solarize(img, v),
+        "TranslateX": lambda: img.transform(img.size, Image.AFFINE, (1, 0, v * w, 0, 1, 0)),
+        "TranslateY": lambda: img.transform(img.size, Image.AFFINE, (1, 0, 0, 0, 1, v * h)),
+    }[name]()
+
+
+def nchw(x_nhwc):
+    return torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2)))
+
+
+GEOMETRIC = {"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"}
+MAGNITUDES = {  # two magnitudes per op inside its range (and not at a trivial value)
+    "AutoContrast": [0.0], "Equalize": [0.0], "Identity": [0.0],
+    "Brightness": [0.07, 0.83], "Color": [0.11, 0.93], "Contrast": [0.05, 0.61],
+    "Sharpness": [0.13, 0.9], "Posterize": [4.2, 6.9], "Solarize": [31.7, 200.2],
+    "Rotate": [-27.3, 11.9], "ShearX": [0.27, -0.13], "ShearY": [-0.29, 0.08],
+    "TranslateX": [0.13, -0.28], "TranslateY": [-0.21, 0.07],
+}
+
+
+@pytest.mark.parametrize("name", data.OPS)
+@pytest.mark.parametrize("subset", [True, False])
+def test_each_op_matches_pil(name, subset):
+    """Tolerance: colour ops mean |diff| <= 2/255; geometric ops may differ at <= 1 % of pixels
+    (nearest-neighbour coordinates that land on a pixel boundary can round either way)."""
+    x_np = real_images()
+    for v in MAGNITUDES[name]:
+        ref = np.stack([np.asarray(pil_op(Image.fromarray(im), name, v)) for im in x_np])
+        out = data.apply_ops(nchw(x_np).float(), torch.full((len(x_np),), data.OP[name]),
+                             torch.full((len(x_np),), float(v)), subset=subset)
+        out = out.permute(0, 2, 3, 1).numpy()
+        diff = np.abs(out - ref.astype(np.float32))
+        if name in GEOMETRIC:
+            assert (diff > 0).mean() <= 0.01, f"{name}({v}): {(diff > 0).mean():.4f} pixels differ"
+        else:
+            assert diff.mean() <= 2.0, f"{name}({v}): mean abs diff {diff.mean():.3f}"
+        assert out.min() >= 0 and out.max() <= 255 and np.all(out == np.round(out))
+
+
+def test_mixed_ops_in_one_batch_match_per_image_pil_and_both_paths_agree():
+    x_np = real_images(56)
+    n = len(x_np)
+    g = torch.Generator().manual_seed(3)
+    op = torch.arange(n) % len(data.OPS)
+    lo, hi = data._LO[op], data._HI[op]
+    v = lo + (hi - lo) * torch.rand(n, generator=g)
+    a = data.apply_ops(nchw(x_np).float(), op, v, subset=True)
+    b = data.apply_ops(nchw(x_np).float(), op, v, subset=False)
+    assert torch.equal(a, b)
+    ref = np.stack([np.asarray(pil_op(Image.fromarray(x_np[i]), data.OPS[op[i]], v[i].item()))
+                    for i in range(n)])
+    diff = np.abs(a.permute(0, 2, 3, 1).numpy() - ref)
+    assert (diff > 0).mean() < 0.01
+
+
+def test_flip_translate_matches_torchvision():
+    x_np = real_images(8)
+    x = nchw(x_np)
+    flip = torch.tensor([0, 1, 0, 1, 1, 0, 1, 0], dtype=torch.bool)
+    dy = torch.tensor([-4, 4, 0, 2, -1, 3, -3, 1])
+    dx = torch.tensor([4, -4, 1, 0, -2, -3, 3, 2])
+    out = data.flip_translate(x, flip, dy, dx)
+    for i in range(8):
+        img = TF.hflip(x[i]) if flip[i] else x[i]
+        padded = TF.pad(img, [4, 4, 4, 4], padding_mode="reflect")
+        ref = TF.crop(padded, 4 + int(dy[i]), 4 + int(dx[i]), 32, 32)
+        assert torch.equal(out[i], ref.float()), i
+
+
+def test_cutout_box_matches_pil_rectangle_and_area():
+    x = nchw(real_images(4)).float()
+    y0, x0, y1, x1 = (torch.tensor(t, dtype=torch.float32) for t in
+                      ([0, 5, 20, 31], [3, 0, 16, 30], [10, 6, 32, 32], [9, 16, 32, 32]))
+    out = data.fill_box(x, y0, x0, y1, x1)
+    for i in range(4):
+        img = Image.fromarray(x[i].permute(1, 2, 0).numpy().astype(np.uint8))
+        ImageDraw.Draw(img).rectangle((int(x0[i]), int(y0[i]), int(x1[i]) - 1, int(y1[i]) - 1),
+                                      (125, 123, 114))
+        assert np.array_equal(out[i].permute(1, 2, 0).numpy(), np.asarray(img))
+    # random cutout: the grey area is at most (0.5 W)^2 and on average near E[s^2] = (0.5 W)^2 / 3
+    ones = torch.zeros(4000, 3, 32, 32)
+    out = data.cutout(ones, torch.Generator().manual_seed(0))
+    area = (out[:, 0] == 125).float().sum((1, 2))
+    assert area.max() <= 16 * 16
+    assert 0.55 * 256 / 3 < area.mean() < 256 / 3  # clipping at the border and flooring shrink it
+
+
+def test_strong_and_weak_keep_shape_range_and_vary_per_image():
+    x = nchw(real_images(32))
+    g = torch.Generator().manual_seed(0)
+    for fn in (data.weak, data.strong):
+        out = fn(x, g)
+        assert out.shape == x.shape and out.dtype == torch.float32
+        assert out.min() >= 0 and out.max() <= 255 and torch.equal(out, out.round())
+    same = nchw(np.repeat(real_images(1), 64, 0))
+    out = data.strong(same, g)
+    flat = out.view(64, -1)
+    assert len({tuple(r.tolist()[:400]) for r in flat}) > 60  # each image drew its own ops
+
+
+def test_rand_augment_draws_ops_and_magnitudes_per_image():
+    g = torch.Generator().manual_seed(1)
+    calls = []
+    orig = data.apply_ops
+
+    def spy(x, op, v, subset=None, inplace=False):
+        calls.append((op.clone(), v.clone()))
+        return orig(x, op, v, subset, inplace)
+
+    data.apply_ops = spy
+    try:
+        data.rand_augment(torch.zeros(500, 3, 8, 8), g)
+    finally:
+        data.apply_ops = orig
+    assert len(calls) == 3
+    for op, v in calls:
+        counts = torch.bincount(op, minlength=14)
+        assert counts.min() > 10  # every op is drawn, uniformly-ish
+        assert torch.all(v >= data._LO[op]) and torch.all(v <= data._HI[op])
+        assert len(set(v.tolist())) > 400
+    assert not torch.equal(calls[0][0], calls[1][0])
+
+
+def test_same_seed_same_batch():
+    x = nchw(real_images(16))
+    a = data.strong(x, torch.Generator().manual_seed(5))
+    b = data.strong(x, torch.Generator().manual_seed(5))
+    c = data.strong(x, torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_normalize_uses_channel_stats():
+    x_np = real_images(16)
+    mean, std = data.channel_stats(x_np)
+    out = data.Normalize(mean, std, "cpu", channels_last=True)(nchw(x_np))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out.mean((0, 2, 3)), torch.zeros(3), atol=1e-4)
+    assert torch.allclose(out.std((0, 2, 3)), torch.ones(3), atol=1e-2)
+
+
+# ---------------------------------------------------------------- split and sampler
+
+def test_split_counts_determinism_and_errors():
+    y = np.repeat(np.arange(10), 50)
+    np.random.default_rng(0).shuffle(y)
+    a = data.split_labeled(y, 4, seed=0)
+    assert len(a) == 40 and np.all(np.bincount(y[a], minlength=10) == 4)
+    assert len(set(a.tolist())) == 40
+    assert np.array_equal(a, data.split_labeled(y, 4, seed=0))
+    assert not np.array_equal(a, data.split_labeled(y, 4, seed=1))
+    assert set(a) <= set(range(len(y)))  # the unlabeled set is all of 0..N-1
+    with pytest.raises(ValueError, match="fewer"):
+        data.split_labeled(y, 51, seed=0)
+    with pytest.raises(ValueError):
+        data.split_labeled(y, 0, seed=0)
+
+
+def test_sampler_reshuffles_covers_and_resumes():
+    g = torch.Generator().manual_seed(0)
+    s = data.IndexSampler(10, 4, g)
+    seen = torch.cat([s.next() for _ in range(5)])  # 20 indices = two full passes
+    assert sorted(seen.tolist()) == sorted(list(range(10)) * 2)
+    assert seen[:10].tolist() != seen[10:].tolist()
+    state = s.state_dict()
+    after = [s.next() for _ in range(3)]
+    s2 = data.IndexSampler(10, 4, torch.Generator())
+    s2.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(after, [s2.next() for _ in range(3)]))
+    big = data.IndexSampler(3, 8, torch.Generator().manual_seed(0)).next()  # batch > set size
+    assert len(big) == 8 and set(big.tolist()) == {0, 1, 2}
+
+
+# ---------------------------------------------------------------- datasets
+
+def write_npz(path, **over):
+    rng = np.random.default_rng(0)
+    d = {"x_train": rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8),
+         "y_train": np.arange(30) % 3, "x_test": rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8),
+         "y_test": np.arange(6) % 3, "classes": np.array(["a", "b", "c"])}
+    d.update(over)
+    np.savez(path, **{k: v for k, v in d.items() if v is not None})
+    return str(path)
+
+
+def test_npz_round_trip(tmp_path):
+    p = write_npz(tmp_path / "ok.npz")
+    d = data.load_dataset("npz:" + p)
+    raw = np.load(p)
+    assert np.array_equal(d["x_train"], raw["x_train"]) and d["classes"] == ["a", "b", "c"]
+    assert d["num_classes"] == 3 and d["y_train"].dtype == np.int64
+
+
+@pytest.mark.parametrize("over,msg", [
+    ({"x_test": None}, "missing"),
+    ({"x_train": np.zeros((30, 8, 8), np.uint8)}, "shape"),
+    ({"x_train": np.zeros((30, 8, 8, 3), np.float32)}, "uint8"),
+    ({"y_train": np.arange(29) % 3}, "shape"),
+    ({"y_train": (np.arange(30) % 3).astype(np.float32)}, "integers"),
+    ({"y_train": np.arange(30) % 4}, "lie in"),
+    ({"y_test": -np.ones(6, np.int64)}, "lie in"),
+    ({"x_test": np.zeros((6, 9, 9, 3), np.uint8)}, "differ"),
+])
+def test_npz_errors(tmp_path, over, msg):
+    p = write_npz(tmp_path / "bad.npz", **over)
+    with pytest.raises(ValueError, match=msg):
+        data.load_dataset("npz:" + p)
+
+
+def test_unknown_dataset_and_missing_files(tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.load_dataset("mnist")
+    with pytest.raises(ValueError, match="does not exist"):
+        data.load_dataset("npz:" + str(tmp_path / "nope.npz"))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="cannot read"):
+        data.load_dataset("npz:" + str(tmp_path / "junk.npz"))
+
+
+def test_cifar_download_failure_is_one_clear_error(tmp_path, monkeypatch):
+    import torchvision
+
+    def no_network(*a, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", no_network)
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", no_network)
+    with pytest.raises(RuntimeError) as e:
+        data.load_dataset("cifar10", str(tmp_path))
+    msg = str(e.value)
+    assert str(tmp_path) in msg and "cifar-10-python.tar.gz" in msg and "\n" not in msg

@@ -13,18 +13,16 @@ BN_MOMENTUM = 0.001  # FixMatch's TF momentum 0.999 in PyTorch's convention
 LEAKY = 0.1
 
 
-def bn(c: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(c, momentum=BN_MOMENTUM)
-
-
 class BasicBlock(nn.Module):
     """Pre-activation block: BN -> LeakyReLU -> conv3x3 -> BN -> LeakyReLU -> conv3x3, plus the
     shortcut. `activate_before_residual` (first group) feeds the activated input to the shortcut,
     as FixMatch's TF original does; elsewhere the shortcut sees the raw input."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int, activate_before_residual: bool = False):
+    def __init__(self, c_in: int, c_out: int, stride: int, activate_before_residual: bool = False,
+                 bn_momentum: float = BN_MOMENTUM):
         super().__init__()
-        self.bn1, self.bn2 = bn(c_in), bn(c_out)
+        self.bn1 = nn.BatchNorm2d(c_in, momentum=bn_momentum)
+        self.bn2 = nn.BatchNorm2d(c_out, momentum=bn_momentum)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.shortcut = (nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False)
@@ -42,7 +40,7 @@ class BasicBlock(nn.Module):
 class WideResNet(nn.Module):
     """WRN-depth-width for 32x32 inputs (any size works: the pool is global)."""
 
-    def __init__(self, depth: int = 28, width: int = 2):
+    def __init__(self, depth: int = 28, width: int = 2, bn_momentum: float = BN_MOMENTUM):
         super().__init__()
         if (depth - 4) % 6 or depth < 10:
             raise ValueError(f"WRN depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...), got {depth}")
@@ -54,9 +52,10 @@ class WideResNet(nn.Module):
             for i in range(n):
                 blocks.append(BasicBlock(widths[g] if i == 0 else widths[g + 1], widths[g + 1],
                                          stride if i == 0 else 1,
-                                         activate_before_residual=(g == 0 and i == 0)))
+                                         activate_before_residual=(g == 0 and i == 0),
+                                         bn_momentum=bn_momentum))
         self.blocks = nn.Sequential(*blocks)
-        self.bn = bn(widths[3])
+        self.bn = nn.BatchNorm2d(widths[3], momentum=bn_momentum)
         self.out_dim = widths[3]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,10 +66,11 @@ class WideResNet(nn.Module):
 class Encoder(nn.Module):
     """Backbone + projection head (L2-normalised output) + K class prototypes."""
 
-    def __init__(self, num_classes: int, arch: str = "wrn-28-2", dim: int = 128):
+    def __init__(self, num_classes: int, arch: str = "wrn-28-2", dim: int = 128,
+                 bn_momentum: float = BN_MOMENTUM):
         super().__init__()
         depth, width = parse_arch(arch)
-        self.backbone = WideResNet(depth, width)
+        self.backbone = WideResNet(depth, width, bn_momentum)
         self.head = nn.Sequential(nn.Linear(self.backbone.out_dim, dim), nn.ReLU(inplace=True),
                                   nn.Linear(dim, dim))
         self.prototypes = nn.Parameter(torch.randn(num_classes, dim))

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Every Table 1 cell of [N&O]: {cifar10, cifar100} x {4, 25 labels/class} x {base, entropy}
+# for each seed in SEEDS, then the table (OUT_DIR/table1.md).
+# A finished run (result.json present) is skipped; an unfinished one resumes from its checkpoint.
+#
+#   bash run_all.sh                               # the paper's protocol, seed 0
+#   SEEDS="0 1 2" bash run_all.sh                 # three seeds
+#   EPOCHS=16 EXTRA_ARGS="--compile" bash run_all.sh
+#   DRY_RUN=1 bash run_all.sh                     # print the commands only
+set -euo pipefail
+cd "$(dirname "$0")"
+
+SEEDS=${SEEDS:-0}                 # seeds to run
+EPOCHS=${EPOCHS:-256}             # epochs of 1024 steps (the paper: 256)
+DATA_DIR=${DATA_DIR:-data}        # CIFAR is downloaded here on first use
+OUT_DIR=${OUT_DIR:-results}       # one sub-directory per run, plus table1.md
+EXTRA_ARGS=${EXTRA_ARGS:-}        # passed to every train.py call
+PYTHON=${PYTHON:-python}
+DRY_RUN=${DRY_RUN:-0}
+
+for seed in $SEEDS; do
+  for dataset in cifar10 cifar100; do
+    for n in 4 25; do
+      for loss in base entropy; do
+        out="$OUT_DIR/${dataset}_${n}_${loss}_s${seed}"
+        cmd="$PYTHON train.py --dataset $dataset --labels-per-class $n --loss $loss --seed $seed --epochs $EPOCHS --data-dir $DATA_DIR --out $out $EXTRA_ARGS"
+        if [ "$DRY_RUN" = 1 ]; then
+          echo "$cmd"
+        elif [ -f "$out/result.json" ]; then
+          echo "skip (finished): $out"
+        else
+          echo "run: $cmd"
+          $cmd
+        fi
+      done
+    done
+  done
+done
+
+if [ "$DRY_RUN" != 1 ]; then
+  $PYTHON evaluate.py --table "$OUT_DIR"
+fi

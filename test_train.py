@@ -1,0 +1,200 @@
+"""train.py / evaluate.py / run_all.sh end to end on a tiny synthetic dataset (CPU, seconds)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import evaluate
+import train
+from conftest import tiny_args
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_jsonl(path):
+    with open(path) as fh:
+        return [json.loads(l) for l in fh if l.strip()]
+
+
+@pytest.mark.parametrize("loss", ["entropy", "base"])
+def test_end_to_end_run_writes_metrics_checkpoint_and_result(tiny_npz, tmp_path, loss):
+    out = tmp_path / "run"
+    res = train.main(tiny_args(tiny_npz, out, "--loss", loss) if loss == "entropy" else
+                     [a for a in tiny_args(tiny_npz, out, "--loss", loss)
+                      if a not in ("--entropy-ratio", "0.5")])
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [3, 6]
+    for key in ("lr", "loss", "test_acc", "confident", "entropy_selected", "unconfident",
+                "pl_acc_confident", "pl_acc_selected", "mean_weight"):
+        assert key in metrics[0]
+    assert abs(metrics[0]["confident"] + metrics[0]["entropy_selected"]
+               + metrics[0]["unconfident"] - 1) < 1e-6
+    result = json.loads((out / "result.json").read_text())
+    assert result["steps"] == 6 and result["evaluations"] == 2
+    assert result["final_acc"] == metrics[-1]["test_acc"] == res["final_acc"]
+    assert result["best_acc"] == max(m["test_acc"] for m in metrics)
+    for key in ("median_last20_acc", "wall_time_s", "versions", "device", "args"):
+        assert key in result
+    state, f = evaluate.read_checkpoint(str(out))
+    assert f.endswith("last.pt") and state["step"] == 6
+    assert len(state["labeled_idx"]) == 6  # 2 per class, saved with the run
+    # evaluate.py reads what train.py wrote and agrees with it
+    r = evaluate.evaluate_checkpoint(str(out), per_class=True)
+    assert abs(r["top1"] - result["final_acc"]) < 1e-6 and set(r["per_class"]) == {"c0", "c1", "c2"}
+
+
+def test_running_again_resumes_instead_of_restarting(tiny_npz, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(tiny_args(tiny_npz, out))
+    before = (out / "metrics.jsonl").read_text()
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    capsys.readouterr()
+    train.main(tiny_args(tiny_npz, out))
+    assert "resumed from" in capsys.readouterr().out
+    assert (out / "metrics.jsonl").read_text() == before  # no step was trained again
+    again = torch.load(out / "last.pt", weights_only=True)
+    assert all(torch.equal(ckpt["model"][k], again["model"][k]) for k in ckpt["model"])
+
+
+def test_labeled_only_control(tiny_npz, tmp_path):
+    out = tmp_path / "mu0"
+    res = train.main(tiny_args(tiny_npz, out, "--mu", "0"))
+    m = read_jsonl(out / "metrics.jsonl")[-1]
+    assert res["steps"] == 6 and m["mean_weight"] is None and m["confident"] == 0
+
+
+def test_learns_on_a_separable_toy_problem(tiny_npz, tmp_path):
+    """Mean colour decides the class: 60 steps must beat chance (1/3) clearly."""
+    out = tmp_path / "learn"
+    args = tiny_args(tiny_npz, out, "--epochs", "4", "--steps-per-epoch", "15", "--log-every", "100",
+                     "--lr", "0.05")
+    res = train.main(args)
+    assert res["best_acc"] > 0.6
+
+
+def test_evaluate_cli_and_table(tiny_npz, tmp_path):
+    out = tmp_path / "results" / "tiny_2_entropy_s0"
+    train.main(tiny_args(tiny_npz, out))
+    p = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), str(out), "--per-class"],
+                       capture_output=True, text=True, cwd=HERE)
+    assert p.returncode == 0, p.stderr
+    assert "top-1 accuracy" in p.stdout and "c2" in p.stdout
+    # a CIFAR-looking result.json to fill one Table 1 cell; the rest must say "not run"
+    fake = tmp_path / "results" / "cifar10_4_base_s0"
+    fake.mkdir()
+    (fake / "result.json").write_text(json.dumps(
+        {"final_acc": 0.9, "args": {"dataset": "cifar10", "labels_per_class": 4, "loss": "base"}}))
+    fake2 = tmp_path / "results" / "cifar10_4_base_s1"
+    fake2.mkdir()
+    (fake2 / "result.json").write_text(json.dumps(
+        {"final_acc": 0.92, "args": {"dataset": "cifar10", "labels_per_class": 4, "loss": "base"}}))
+    evaluate.main(["--table", str(tmp_path / "results")])
+    md = (tmp_path / "results" / "table1.md").read_text()
+    row = [l for l in md.splitlines() if l.startswith("| CIFAR-10 | 4 |")][0]
+    assert "91.00 ± 1.41 (2 seeds)" in row and "94.41" in row and "94.59" in row
+    assert md.count("not run") == 7
+
+
+def test_evaluate_missing_checkpoint_is_a_clear_error(tmp_path):
+    p = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), str(tmp_path)],
+                       capture_output=True, text=True, cwd=HERE)
+    assert p.returncode != 0 and "no checkpoint found" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_run_all_dry_run_lists_the_8_cells(tmp_path):
+    env = dict(os.environ, DRY_RUN="1", SEEDS="0", OUT_DIR=str(tmp_path), EPOCHS="3",
+               EXTRA_ARGS="--compile")
+    p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], capture_output=True, text=True,
+                       env=env)
+    assert p.returncode == 0, p.stderr
+    cmds = p.stdout.strip().splitlines()
+    assert len(cmds) == 8
+    cells = set()
+    for c in cmds:
+        a = c.split()
+        assert a[1] == "train.py" and "--compile" in a and a[a.index("--epochs") + 1] == "3"
+        cells.add((a[a.index("--dataset") + 1], a[a.index("--labels-per-class") + 1],
+                   a[a.index("--loss") + 1]))
+        assert a[a.index("--out") + 1].startswith(str(tmp_path))
+    assert cells == {(d, n, l) for d in ("cifar10", "cifar100") for n in ("4", "25")
+                     for l in ("base", "entropy")}
+    env["SEEDS"] = "0 1"
+    p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], capture_output=True, text=True,
+                       env=env)
+    assert len(p.stdout.strip().splitlines()) == 16
+
+
+@pytest.mark.parametrize("bad", [
+    ["--dataset", "mnist"],
+    ["--labels-per-class", "0"],
+    ["--batch-size", "-1"],
+    ["--epochs", "0"],
+    ["--steps-per-epoch", "0"],
+    ["--mu", "-1"],
+    ["--lr", "0"],
+    ["--lr", "nan"],
+    ["--threshold", "1.5"],
+    ["--low-weight", "0"],
+    ["--low-weight", "2"],
+    ["--entropy-ratio", "0"],
+    ["--entropy-ratio", "1.5"],
+    ["--entropy-epochs", "99"],
+    ["--ema-decay", "1"],
+    ["--wd", "-1"],
+    ["--temp", "0"],
+    ["--pl-temp", "-0.1"],
+    ["--arch", "resnet"],
+    ["--arch", "wrn-11-2"],
+    ["--loss", "focal"],
+    ["--entropy-weighting", "cubic"],
+    ["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"],
+    ["--device", "tpu"],
+    ["--save-every", "-5"],
+    ["--labels-per-class", "x"],
+])
+def test_invalid_arguments_are_argparse_errors(tiny_npz, tmp_path, bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_args(tiny_npz, tmp_path / "bad", *bad))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+
+
+def test_beta_required_without_a_paper_default(tiny_npz, tmp_path, capsys):
+    args = [a for a in tiny_args(tiny_npz, tmp_path / "b") if a not in ("--entropy-ratio", "0.5")]
+    with pytest.raises(SystemExit):
+        train.main(args)
+    assert "--entropy-ratio is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(args + ["--loss", "base", "--entropy-ratio", "0.3"])
+    assert "entropy only" in capsys.readouterr().err
+
+
+def test_unwritable_output_and_bad_data_are_one_line_errors(tiny_npz, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit):
+        train.main(tiny_args(tiny_npz, blocker / "sub"))
+    assert "not writable" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_args(tiny_npz, tmp_path / "o", "--labels-per-class", "50"))
+    assert "fewer than the 50 labels" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_args(str(tmp_path / "missing.npz"), tmp_path / "o2"))
+    assert "does not exist" in str(e.value.code)
+
+
+def test_help_documents_every_flag():
+    p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--help"],
+                       capture_output=True, text=True, cwd=HERE)
+    flags = ("--dataset --data-dir --labels-per-class --loss --seed --epochs --steps-per-epoch "
+             "--batch-size --mu --lr --wd --threshold --pl-temp --temp --low-weight "
+             "--entropy-ratio --entropy-weighting --entropy-epochs --ema-decay --arch --device "
+             "--amp --no-amp --compile --out --eval-every --save-every --skip-nonfinite").split()
+    for f in flags:
+        assert f in p.stdout, f
+    text = " ".join(p.stdout.split())  # help lines wrap
+    assert "(default: 0.03)" in text and "(default: 256)" in text and "(default: 0.999)" in text

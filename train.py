@@ -1,0 +1,517 @@
+"""Train WRN-28-2 with the unified contrastive loss [G] (--loss base) or its entropy-weighted
+pair-weighted version [N&O] (--loss entropy). Defaults are the paper's (SPEC.md sections 3, 7).
+
+    python train.py --dataset cifar10 --labels-per-class 4 --loss entropy
+
+Re-running the same command with the same --out resumes from the last checkpoint.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+import data
+import losses
+from evaluate import CheckpointError, accuracy, read_checkpoint
+from model import BN_MOMENTUM, Encoder, parse_arch
+
+# [N&O] section 4.3: entropy ratio beta per (dataset, labels per class)
+PAPER_BETA = {("cifar10", 4): 0.2, ("cifar10", 25): 0.4, ("cifar100", 4): 0.1, ("cifar100", 25): 0.2}
+PAPER_WD = {"cifar10": 5e-4, "cifar100": 1e-3}
+# a checkpoint is resumed only if these match (the rest, e.g. --device or --log-every, may change)
+CONFIG_KEYS = ("dataset", "labels_per_class", "loss", "seed", "arch", "epochs", "steps_per_epoch",
+               "batch_size", "mu", "lr", "wd", "threshold", "pl_temp", "temp", "low_weight",
+               "entropy_ratio", "entropy_weighting", "entropy_epochs", "ema_decay",
+               "bn_momentum", "channels_last")
+
+
+def get_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    # data
+    a("--dataset", default="cifar10", help="cifar10, cifar100 or npz:PATH (see data.load_npz)")
+    a("--data-dir", default="data", help="where CIFAR is (or is downloaded to)")
+    a("--labels-per-class", type=int, default=4, help="labeled images per class")
+    a("--seed", type=int, default=0, help="seed of the split, initialisation and augmentation")
+    # method
+    a("--loss", choices=["base", "entropy"], default="entropy",
+      help="base = [G] Eqs. (5)-(7); entropy = [N&O] Eqs. (8)-(14)")
+    a("--threshold", type=float, default=0.95, help="confidence threshold tau of Eq. (5)")
+    a("--pl-temp", type=float, default=0.1, help="temperature T_pl of the pseudo-labels, Eq. (4)")
+    a("--temp", type=float, default=0.1, help="temperature T of the contrastive loss")
+    a("--low-weight", type=float, default=0.2, help="weight lambda of unconfident samples, Eq. (7)")
+    a("--entropy-ratio", type=float, default=None,
+      help="beta of Eq. (11); default: the paper's value for CIFAR (required otherwise)")
+    a("--entropy-weighting", choices=list(losses.WEIGHTINGS), default="exp",
+      help="weight of entropy-selected samples: exp(-kH) (Eqs. 13-14) or linear")
+    a("--entropy-epochs", type=int, default=None,
+      help="epochs with entropy selection active; default 78.125%% of --epochs (200 of 256)")
+    # optimisation
+    a("--epochs", type=int, default=256, help="epochs")
+    a("--steps-per-epoch", type=int, default=1024, help="training steps per epoch")
+    a("--batch-size", type=int, default=64, help="labeled batch size B")
+    a("--mu", type=int, default=7, help="unlabeled batch = mu * B; 0 trains on labeled data only")
+    a("--lr", type=float, default=0.03, help="SGD learning rate (Nesterov, momentum 0.9)")
+    a("--wd", type=float, default=None,
+      help="weight decay on >= 2-D tensors; default 5e-4 (cifar10, npz) / 1e-3 (cifar100)")
+    a("--ema-decay", type=float, default=0.999, help="EMA decay of the evaluated model")
+    a("--bn-momentum", type=float, default=None,
+      help="BatchNorm momentum; default 0.001 (the paper's), raised to 5 / total steps (at most "
+           "0.1) for runs too short for 0.001 to converge the running statistics")
+    # model and system
+    a("--arch", default="wrn-28-2", help="wrn-DEPTH-WIDTH, e.g. wrn-10-1 for CPU runs")
+    a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    a("--amp", action=argparse.BooleanOptionalAction, default=None,
+      help="autocast (bf16, or fp16 + GradScaler where bf16 is unsupported); default on for CUDA")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+      help="channels_last memory format for the model and its inputs")
+    a("--out", default=None, help="output dir; default runs/DATASET_LABELS_LOSS_sSEED")
+    a("--eval-every", type=int, default=1, help="evaluate, log metrics and checkpoint every N epochs")
+    a("--log-every", type=int, default=100, help="progress line every N steps")
+    a("--save-every", type=int, default=0, help="also checkpoint every N steps (0: per eval only)")
+    a("--skip-nonfinite", type=int, default=0,
+      help="skip up to N steps whose loss is not finite (costs a host sync per step); "
+           "0 stops the run at the first one")
+    a("--eval-batch-size", type=int, default=1024, help="batch size of test evaluation")
+    a("--debug-nan-step", type=int, default=-1, help=argparse.SUPPRESS)  # test-only fault injection
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every value is checked before any data is loaded: one argparse error line each."""
+    for name in ("labels_per_class", "epochs", "steps_per_epoch", "batch_size", "eval_every",
+                 "log_every", "eval_batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("mu", "save_every", "skip_nonfinite"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("lr", "pl_temp", "temp"):
+        if not getattr(args, name) > 0 or not math.isfinite(getattr(args, name)):
+            p.error(f"--{name.replace('_', '-')} must be a positive number, got {getattr(args, name)}")
+    if not 0 <= args.threshold <= 1:
+        p.error(f"--threshold must be in [0, 1], got {args.threshold}")
+    if not 0 < args.low_weight <= 1:
+        p.error(f"--low-weight must be in (0, 1], got {args.low_weight}")
+    if not 0 <= args.ema_decay < 1:
+        p.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if not (args.dataset in data.CIFAR_URLS or args.dataset.startswith("npz:")):
+        p.error(f"--dataset: unknown dataset {args.dataset!r}; use cifar10, cifar100 or npz:PATH")
+    try:
+        parse_arch(args.arch)
+    except ValueError as e:
+        p.error(str(e))
+    if args.bn_momentum is None:
+        total = args.epochs * args.steps_per_epoch
+        args.bn_momentum = min(0.1, max(BN_MOMENTUM, 5.0 / total))
+    if not 0 < args.bn_momentum <= 1:
+        p.error(f"--bn-momentum must be in (0, 1], got {args.bn_momentum}")
+    if args.wd is None:
+        args.wd = PAPER_WD.get(args.dataset, 5e-4)
+    if args.wd < 0:
+        p.error(f"--wd must be >= 0, got {args.wd}")
+    if args.loss == "entropy":
+        if args.entropy_ratio is None:
+            args.entropy_ratio = PAPER_BETA.get((args.dataset, args.labels_per_class))
+            if args.entropy_ratio is None:
+                p.error(f"--entropy-ratio is required for {args.dataset} with "
+                        f"{args.labels_per_class} labels per class (the paper gives beta only for "
+                        f"CIFAR-10/100 with 4 or 25); e.g. --entropy-ratio 0.2")
+        if not 0 < args.entropy_ratio <= 1:
+            p.error(f"--entropy-ratio must be in (0, 1], got {args.entropy_ratio}")
+        if args.entropy_epochs is None:
+            args.entropy_epochs = round(args.epochs * 200 / 256)
+        if not 0 <= args.entropy_epochs <= args.epochs:
+            p.error(f"--entropy-epochs must be in [0, --epochs={args.epochs}], got {args.entropy_epochs}")
+    elif args.entropy_ratio is not None or args.entropy_epochs is not None:
+        p.error("--entropy-ratio and --entropy-epochs apply to --loss entropy only")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    if not (args.device == "cpu" or args.device.startswith("cuda")):
+        p.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device}")
+    if args.amp is None:
+        args.amp = args.device.startswith("cuda")
+    if args.out is None:
+        name = (os.path.splitext(os.path.basename(args.dataset[4:]))[0]
+                if args.dataset.startswith("npz:") else args.dataset)
+        args.out = os.path.join("runs", f"{name}_{args.labels_per_class}_{args.loss}_s{args.seed}")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        probe = os.path.join(args.out, ".write_test")
+        with open(probe, "w") as fh:
+            fh.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        p.error(f"--out {args.out} is not writable: {e.strerror}")
+
+
+def fail(msg: str) -> None:
+    sys.exit(f"train.py: error: {msg}")
+
+
+# ---------------------------------------------------------------- pieces of the step
+
+def lr_at(step: int, total: int, lr: float) -> float:
+    """Cosine decay of FixMatch / [G]: lr cos(7 pi k / (16 K))."""
+    return lr * math.cos(7 * math.pi * step / (16 * total))
+
+
+def make_optimizer(model: torch.nn.Module, args) -> torch.optim.SGD:
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    fused = args.device.startswith("cuda")
+    return torch.optim.SGD([{"params": decay, "weight_decay": args.wd},
+                            {"params": no_decay, "weight_decay": 0.0}],
+                           lr=args.lr, momentum=0.9, nesterov=True,
+                           fused=fused or None, foreach=None if fused else True)
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """EMA of parameters (one foreach lerp), buffers (BN statistics) copied."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+    torch._foreach_copy_(list(ema.buffers()), list(model.buffers()))
+
+
+class Run:
+    """Everything a step touches, and what a checkpoint must hold to resume it exactly."""
+
+    def __init__(self, args):
+        self.args = args
+        dev = self.dev = torch.device(args.device)
+        try:
+            ds = data.load_dataset(args.dataset, args.data_dir)
+            self.k = ds["num_classes"]
+            self.labeled_idx = data.split_labeled(ds["y_train"], args.labels_per_class, args.seed,
+                                                  self.k)
+        except (ValueError, RuntimeError) as e:
+            fail(str(e))
+        self.classes = ds["classes"]
+        self.mean, self.std = data.channel_stats(ds["x_train"])
+        self.x_train = data.to_tensor_images(ds["x_train"], dev)
+        self.y_train = torch.from_numpy(ds["y_train"]).to(dev)
+        self.x_test = data.to_tensor_images(ds["x_test"], dev)
+        self.y_test = torch.from_numpy(ds["y_test"]).to(dev)
+        self.lb = torch.from_numpy(self.labeled_idx).to(dev)
+        self.norm = data.Normalize(self.mean, self.std, dev, channels_last=args.channels_last)
+
+        torch.manual_seed(args.seed)
+        self.model = Encoder(self.k, args.arch, bn_momentum=args.bn_momentum).to(dev)
+        if args.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.forward = torch.compile(self.model) if args.compile else self.model
+        self.opt = make_optimizer(self.model, args)
+        self.amp_dtype = None
+        if args.amp:
+            ok_bf16 = dev.type == "cpu" or torch.cuda.is_bf16_supported()
+            self.amp_dtype = torch.bfloat16 if ok_bf16 else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.g_aug = torch.Generator(dev).manual_seed(args.seed + 1)
+        self.sampler_lb = data.IndexSampler(len(self.lb), args.batch_size,
+                                            torch.Generator(dev).manual_seed(args.seed + 2))
+        self.sampler_ulb = (data.IndexSampler(len(self.x_train), args.mu * args.batch_size,
+                                              torch.Generator(dev).manual_seed(args.seed + 3))
+                            if args.mu > 0 else None)
+        self.total = args.epochs * args.steps_per_epoch
+        self.step = 0
+        self.history: list[float] = []  # test accuracy of each evaluation
+        self.elapsed = 0.0  # training seconds over all sessions
+        self.stats = self.new_stats()
+        self.nonfinite = torch.zeros(2, device=dev)  # [count, first bad step + 1]
+        self.bad_loss = torch.zeros((), device=dev)
+        self.skipped = 0
+
+    def new_stats(self) -> torch.Tensor:
+        # loss sum, steps, unlabeled seen, confident, entropy-selected, unconfident,
+        # correct confident, correct selected, weight sum
+        return torch.zeros(9, device=self.dev, dtype=torch.float64)
+
+    # ---------------------------------------------------------------- the training step
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+        """[weak(x_lb); weak(x_ulb); strong1(x_ulb); strong2(x_ulb)], normalised, on the device."""
+        idx = self.lb[self.sampler_lb.next()]
+        x_lb, y_lb = self.x_train[idx], self.y_train[idx]
+        parts = [data.weak(x_lb, self.g_aug)]
+        y_ulb, n_ulb = None, 0
+        if self.sampler_ulb is not None:
+            idx_ulb = self.sampler_ulb.next()
+            x_ulb, y_ulb, n_ulb = self.x_train[idx_ulb], self.y_train[idx_ulb], len(idx_ulb)
+            parts += [data.weak(x_ulb, self.g_aug), data.strong(torch.cat([x_ulb, x_ulb]), self.g_aug)]
+        return self.norm(torch.cat(parts)), y_lb, y_ulb, n_ulb
+
+    def train_step(self) -> None:
+        a = self.args
+        x, y_lb, y_ulb, n_ulb = self.batch()
+        with torch.autocast(self.dev.type, dtype=self.amp_dtype or torch.bfloat16,
+                            enabled=self.amp_dtype is not None):
+            z = self.forward(x)
+        z = z.float()
+        n_lb = len(y_lb)
+        protos = self.model.prototypes
+        entropy_on = a.loss == "entropy" and self.step < a.entropy_epochs * a.steps_per_epoch
+        if n_ulb:
+            z_w, z_s1, z_s2 = z[n_lb:].split(n_ulb)
+            with torch.no_grad():  # Eq. (4) targets from the online model's weak view
+                probs = losses.prototype_probs(z_w.detach(), protos.detach(), a.pl_temp)
+                pl, pw = losses.assign_pseudo_labels(probs, a.threshold,
+                                                     a.entropy_ratio if entropy_on else None,
+                                                     a.low_weight, a.entropy_weighting,
+                                                     validate=False)
+            feats, labels, weights = losses.contrastive_batch(protos, z[:n_lb], y_lb, z_s1, z_s2,
+                                                              pl, pw)
+        else:
+            feats, labels, weights = losses.contrastive_batch(protos, z, y_lb)
+        loss = losses.LOSSES[a.loss](feats, labels, weights, a.temp, validate=False)
+        if self.step == a.debug_nan_step:
+            loss = loss * float("nan")
+
+        bad = ~torch.isfinite(loss)
+        if a.skip_nonfinite and bool(bad):  # opt-in per-step host sync
+            self.skipped += 1
+            print(f"step {self.step + 1}: non-finite loss {loss.item()}, step skipped "
+                  f"({self.skipped} of at most {a.skip_nonfinite})", flush=True)
+            if self.skipped > a.skip_nonfinite:
+                fail(f"more than --skip-nonfinite={a.skip_nonfinite} non-finite losses; last at "
+                     f"step {self.step + 1}. The last good checkpoint in {a.out} is kept.")
+            self.opt.zero_grad(set_to_none=True)
+            self.step += 1
+            return
+        first = (self.nonfinite[0] == 0) & bad
+        self.bad_loss = torch.where(first, loss.detach(), self.bad_loss)
+        self.nonfinite += torch.stack([bad.to(self.nonfinite.dtype),
+                                       first.to(self.nonfinite.dtype) * (self.step + 1)])
+
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step, self.total, a.lr)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        ema_update(self.ema, self.model, a.ema_decay)
+
+        s = [loss.detach().double(), torch.ones((), device=self.dev, dtype=torch.float64)]
+        if n_ulb:
+            conf = probs.max(1).values >= a.threshold
+            sel = (pl < self.k) & ~conf
+            right = pl == y_ulb
+            s += [torch.tensor(float(n_ulb), device=self.dev, dtype=torch.float64)]
+            s += [t.sum().double() for t in (conf, sel, pl >= self.k, conf & right, sel & right)]
+            s += [pw.sum().double()]
+        else:
+            s += [torch.zeros((), device=self.dev, dtype=torch.float64)] * 7
+        self.stats += torch.stack(s)
+        self.step += 1
+
+    def check_finite(self) -> None:
+        """Called at logging and saving time only (a host sync)."""
+        count, first = self.nonfinite.tolist()
+        if count:
+            fail(f"non-finite loss at step {int(first)} (loss = {self.bad_loss.item()}, "
+                 f"{int(count)} non-finite step(s) since); stopped without saving, the last good "
+                 f"checkpoint in {self.args.out} is kept. Lower --lr, try --no-amp, or pass "
+                 f"--skip-nonfinite N to skip such steps")
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict:
+        a = self.args
+        return {
+            "format": 1, "step": self.step, "args": vars(a),
+            "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+            "rng_torch": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if self.dev.type == "cuda" else [],
+            "rng_aug": self.g_aug.get_state(),
+            "sampler_lb": self.sampler_lb.state_dict(),
+            "sampler_ulb": self.sampler_ulb.state_dict() if self.sampler_ulb else {},
+            "labeled_idx": torch.from_numpy(self.labeled_idx),
+            "mean": self.mean, "std": self.std, "classes": list(self.classes),
+            "history": list(self.history), "elapsed": self.elapsed,
+            "stats": self.stats.cpu(), "skipped": self.skipped,
+        }
+
+    def load_state_dict(self, s: dict) -> None:
+        a = self.args
+        diffs = [f"{k}: checkpoint {s['args'].get(k)!r}, now {getattr(a, k)!r}"
+                 for k in CONFIG_KEYS if s["args"].get(k) != getattr(a, k)]
+        if diffs:
+            fail(f"{a.out} holds a run with a different configuration ({'; '.join(diffs)}); "
+                 "use another --out or the original arguments")
+        if not np.array_equal(s["labeled_idx"].numpy(), self.labeled_idx):
+            fail(f"{a.out}: the labeled split differs from the checkpoint's (dataset changed?)")
+        self.model.load_state_dict(s["model"])
+        self.ema.load_state_dict(s["ema"])
+        self.opt.load_state_dict(s["optimizer"])
+        self.scaler.load_state_dict(s["scaler"])
+        torch.set_rng_state(s["rng_torch"])
+        if self.dev.type == "cuda" and s["rng_cuda"]:
+            torch.cuda.set_rng_state_all(s["rng_cuda"])
+        self.g_aug.set_state(s["rng_aug"])
+        self.sampler_lb.load_state_dict(s["sampler_lb"])
+        if self.sampler_ulb:
+            self.sampler_ulb.load_state_dict(s["sampler_ulb"])
+        self.step, self.history, self.elapsed = s["step"], list(s["history"]), s["elapsed"]
+        self.stats = s["stats"].to(self.dev)
+        self.skipped = s["skipped"]
+
+    def save(self) -> None:
+        """Atomic: write last.pt.tmp, fsync, keep the old last.pt as prev.pt, rename."""
+        self.check_finite()
+        out = self.args.out
+        path, tmp, prev = (os.path.join(out, n) for n in ("last.pt", "last.pt.tmp", "prev.pt"))
+        try:
+            with open(tmp, "wb") as fh:
+                torch.save(self.state_dict(), fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if os.path.exists(path):
+                os.replace(path, prev)
+            os.replace(tmp, path)
+            dir_fd = os.open(out, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            fail(f"could not write checkpoint {path}: {e.strerror or e} (disk full or not "
+                 f"writable?); the previous checkpoint is kept")
+
+
+# ---------------------------------------------------------------- logging
+
+def append_jsonl(path: str, record: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(path: str, step: int) -> None:
+    """On resume, drop metrics logged after the checkpoint (they will be logged again)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as fh:
+        keep = [l for l in fh if l.strip() and json.loads(l)["step"] <= step]
+    with open(path, "w") as fh:
+        fh.writelines(keep)
+
+
+def epoch_metrics(run: Run, acc: float) -> dict:
+    loss_sum, steps, n_ulb, conf, sel, unconf, conf_ok, sel_ok, w_sum = run.stats.tolist()
+    return {"step": run.step, "epoch": run.step / run.args.steps_per_epoch,
+            "lr": lr_at(run.step - 1, run.total, run.args.lr), "loss": loss_sum / max(steps, 1),
+            "test_acc": acc, "confident": conf / max(n_ulb, 1), "entropy_selected": sel / max(n_ulb, 1),
+            "unconfident": unconf / max(n_ulb, 1),
+            "pl_acc_confident": conf_ok / conf if conf else None,
+            "pl_acc_selected": sel_ok / sel if sel else None,
+            "mean_weight": w_sum / n_ulb if n_ulb else None, "elapsed_s": round(run.elapsed, 1)}
+
+
+def versions() -> dict:
+    import torchvision
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": np.__version__}
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def write_result(run: Run) -> dict:
+    h = run.history
+    res = {"final_acc": h[-1], "median_last20_acc": statistics.median(h[-20:]), "best_acc": max(h),
+           "evaluations": len(h), "steps": run.step, "wall_time_s": round(run.elapsed, 1),
+           "device": device_name(run.dev), "versions": versions(), "args": vars(run.args)}
+    tmp = os.path.join(run.args.out, "result.json.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(res, fh, indent=1)
+    os.replace(tmp, os.path.join(run.args.out, "result.json"))
+    return res
+
+
+# ---------------------------------------------------------------- main
+
+def main(argv=None) -> dict:
+    args = get_args(argv)
+    run = Run(args)
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    try:
+        state, f = read_checkpoint(args.out)
+    except CheckpointError as e:
+        if any(os.path.exists(os.path.join(args.out, n)) for n in ("last.pt", "prev.pt")):
+            fail(str(e))
+        state = None
+    if state is not None:
+        run.load_state_dict(state)
+        truncate_metrics(metrics_path, run.step)
+        print(f"resumed from {f} at step {run.step}/{run.total}")
+    elif os.path.exists(metrics_path):
+        os.remove(metrics_path)  # a fresh run; old metrics without a checkpoint are stale
+    ipb = args.batch_size * (1 + 3 * args.mu)
+    print(f"{args.dataset}: {len(run.x_train)} train / {len(run.x_test)} test images, {run.k} "
+          f"classes, {len(run.lb)} labeled | loss {args.loss}"
+          + (f" (beta {args.entropy_ratio}, {args.entropy_weighting} weighting, first "
+             f"{args.entropy_epochs} epochs)" if args.loss == "entropy" else "")
+          + f" | {args.arch} (BN momentum {args.bn_momentum:g}) on {device_name(run.dev)}, "
+            f"amp {run.amp_dtype} | "
+            f"{run.total} steps x {ipb} images -> {args.out}", flush=True)
+
+    steps_per_eval = args.eval_every * args.steps_per_epoch
+    t_log, step_log, loss_log = time.perf_counter(), run.step, 0.0
+    t_session = time.perf_counter()
+    elapsed0 = run.elapsed
+    while run.step < run.total:
+        run.train_step()
+        run.elapsed = elapsed0 + time.perf_counter() - t_session
+        if run.step % args.log_every == 0 or run.step == run.total:
+            run.check_finite()
+            s = run.stats.tolist()
+            now = time.perf_counter()
+            rate = (run.step - step_log) / max(now - t_log, 1e-9)
+            n_ulb = max(s[2], 1)
+            print(f"step {run.step}/{run.total} loss {s[0] / max(s[1], 1):.4f} "
+                  f"lr {lr_at(run.step - 1, run.total, args.lr):.4f} conf {s[3] / n_ulb:.3f} "
+                  f"sel {s[4] / n_ulb:.3f} unconf {s[5] / n_ulb:.3f} | {rate * ipb:.0f} img/s "
+                  f"ETA {(run.total - run.step) / max(rate, 1e-9) / 60:.1f} min", flush=True)
+            t_log, step_log = now, run.step
+        if run.step % steps_per_eval == 0 or run.step == run.total:
+            run.check_finite()
+            acc = accuracy(run.ema, run.x_test, run.y_test, run.norm, args.eval_batch_size,
+                           run.amp_dtype)
+            run.history.append(acc)
+            m = epoch_metrics(run, acc)
+            append_jsonl(metrics_path, m)
+            print(f"epoch {m['epoch']:.2f}: test acc {100 * acc:.2f} % (EMA), "
+                  f"pseudo-label acc conf {m['pl_acc_confident']} sel {m['pl_acc_selected']}",
+                  flush=True)
+            run.stats = run.new_stats()
+            run.save()
+        elif args.save_every and run.step % args.save_every == 0:
+            run.save()
+    res = write_result(run)
+    print(f"done: final {100 * res['final_acc']:.2f} %, median of last 20 "
+          f"{100 * res['median_last20_acc']:.2f} %, best {100 * res['best_acc']:.2f} % "
+          f"-> {args.out}/result.json", flush=True)
+    return res
+
+
+if __name__ == "__main__":
+    main()

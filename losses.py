@@ -134,15 +134,17 @@ def assign_pseudo_labels(probs: torch.Tensor, threshold: float = 0.95,
         return torch.where(selected, pred, labels), torch.where(selected, w_ent, weights)
 
 
-def _log_prob_and_positives(features: torch.Tensor, labels: torch.Tensor, temperature: float):
-    """l_ip = s_ip - log sum_{a != i} exp(s_ia) with s = z z^T / T, and the positive mask P."""
+def _logits_lse_positives(features: torch.Tensor, labels: torch.Tensor, temperature: float):
+    """s_ij = z_i.z_j / T with s_ii masked, lse_i = log sum_{a != i} exp(s_ia), and the positive
+    mask P (float). -l_ip = lse_i - s_ip is never materialised: sums over p are taken as
+    sum_p W_ip (-l_ip) = lse_i sum_p W_ip - sum_p W_ip s_ip, which saves two N x N passes."""
     z = F.normalize(_f32(features), dim=1)
     n = z.shape[0]
-    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
-    logits = (z @ z.T / temperature).masked_fill(self_mask, _SELF_FILL)
-    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # logsumexp removes the row max
-    pos = (labels[:, None] == labels[None, :]) & ~self_mask
-    return log_prob, pos
+    eye = torch.eye(n, dtype=torch.bool, device=z.device)
+    logits = ((z / temperature) @ z.T).masked_fill(eye, _SELF_FILL)
+    lse = torch.logsumexp(logits, dim=1)  # removes the row max internally
+    pos = ((labels[:, None] == labels[None, :]) & ~eye).to(logits.dtype)
+    return logits, lse, pos
 
 
 def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -156,17 +158,18 @@ def anchor_weighted_supcon(features: torch.Tensor, labels: torch.Tensor, weights
 
         L_base = sum_{i in I'} w_i (-(1/|P(i)|) sum_{p in P(i)} l_ip) / sum_{i in I'} w_i
 
+    with l_ip = s_ip - log sum_{a != i} exp(s_ia), s = z z^T / T, P(i) = {p != i: y_p = y_i},
     I' = rows with at least one positive. Returns a float32 scalar (0 when the denominator is 0).
     """
     _check_rows(features, labels, weights, validate)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     with _no_autocast(features):
-        log_prob, pos = _log_prob_and_positives(features, labels, temperature)
+        logits, lse, pos = _logits_lse_positives(features, labels, temperature)
         n_pos = pos.sum(1)
         w = _f32(weights) * (n_pos > 0)
-        mean_pos = (log_prob * pos).sum(1) / n_pos.clamp(min=1)
-        return _safe_ratio((w * -mean_pos).sum(), w.sum())
+        mean_neg_lp = lse - (pos * logits).sum(1) / n_pos.clamp(min=1)
+        return _safe_ratio((w * mean_neg_lp).sum(), w.sum())
 
 
 def pair_weighted_supcon(features: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
@@ -174,21 +177,21 @@ def pair_weighted_supcon(features: torch.Tensor, labels: torch.Tensor, weights: 
     """Eq. (8), the proposed loss of [N&O]: pair weight sqrt(w_i w_p) for anchor i, positive p,
 
         L_ent = sum_{i in I'} (1/|P(i)|) sum_p sqrt(w_i w_p) (-l_ip) / sum_{i in I'} wbar_i,
-        wbar_i = (1/|P(i)|) sum_p sqrt(w_i w_p).
+        wbar_i = (1/|P(i)|) sum_p sqrt(w_i w_p),
 
-    I' = rows with at least one positive. Returns a float32 scalar (0 when the denominator is 0).
+    l_ip, P(i) and I' as in Eq. (6). Returns a float32 scalar (0 when the denominator is 0).
     """
     _check_rows(features, labels, weights, validate)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     with _no_autocast(features):
-        log_prob, pos = _log_prob_and_positives(features, labels, temperature)
+        logits, lse, pos = _logits_lse_positives(features, labels, temperature)
         sw = _f32(weights).sqrt()
-        pair_w = (sw[:, None] * sw[None, :]) * pos
+        pair_w = pos * (sw[:, None] * sw[None, :])
         inv_n_pos = 1.0 / pos.sum(1).clamp(min=1)  # rows without positives have pair_w = 0
-        num = ((pair_w * -log_prob).sum(1) * inv_n_pos).sum()
-        den = (pair_w.sum(1) * inv_n_pos).sum()
-        return _safe_ratio(num, den)
+        w_sum = pair_w.sum(1)
+        num = ((lse * w_sum - (pair_w * logits).sum(1)) * inv_n_pos).sum()
+        return _safe_ratio(num, (w_sum * inv_n_pos).sum())
 
 
 LOSSES = {"base": anchor_weighted_supcon, "entropy": pair_weighted_supcon}

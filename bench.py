@@ -1,0 +1,190 @@
+"""Throughput measurements (SPEC section 8): augmentation, training step, loss.
+
+    python bench.py                          # CPU, 1 thread for augmentation, writes nothing
+    python bench.py --device cuda --compile --json bench_h100.json
+
+(1) strong augmentation, images/s: data.py's batched path vs per-sample PIL RandAugment through
+    torchvision (flip, reflect-crop, RandAugment(3 ops), Cutout), same device and threads;
+(2) training step at the paper's batch (64 + 3 x 448 images, synthetic data, K = 10 and 100):
+    steps/s, images/s, the time spent making the batch, peak memory, hours for 262,144 steps;
+(3) loss forward + backward for N = K + 64 + 2 x 448 rows, D = 128, vs a plain SupCon.
+"""
+import argparse
+import json
+import os
+import resource
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+import losses
+
+PAPER_STEPS = 256 * 1024
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def timeit(fn, dev, repeat: int, warmup: int = 1) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        sync(dev)
+        t = time.perf_counter()
+        fn()
+        sync(dev)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def synthetic_images(n: int, seed: int = 0, size: int = 32) -> np.ndarray:
+    """Smooth random colour images with noise (every op has something to do)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 4, 4, generator=g) * 255
+    x = F.interpolate(low, size=size, mode="bilinear", align_corners=False)
+    x = x + 20 * torch.randn(n, 3, size, size, generator=g)
+    return x.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def pil_strong_pipeline():
+    import torchvision.transforms as T
+    from PIL import ImageDraw
+
+    def cutout(img):
+        v = np.random.uniform(0, 0.5) * img.size[0]
+        cx, cy = np.random.uniform(0, img.size[0]), np.random.uniform(0, img.size[1])
+        x0, y0 = int(max(0, cx - v / 2)), int(max(0, cy - v / 2))
+        ImageDraw.Draw(img).rectangle((x0, y0, int(min(img.size[0], x0 + v)),
+                                       int(min(img.size[1], y0 + v))), (125, 123, 114))
+        return img
+
+    return T.Compose([T.RandomHorizontalFlip(), T.RandomCrop(32, padding=4, padding_mode="reflect"),
+                      T.RandAugment(num_ops=3), T.Lambda(cutout), T.PILToTensor()])
+
+
+def bench_augmentation(dev: torch.device, batch: int, repeat: int) -> dict:
+    from PIL import Image
+    x_np = synthetic_images(batch)
+    x = data.to_tensor_images(x_np, dev)
+    g = torch.Generator(dev).manual_seed(0)
+    t_ours = timeit(lambda: data.strong(x, g), dev, repeat, warmup=2)
+    t_weak = timeit(lambda: data.weak(x, g), dev, repeat, warmup=2)
+    pipeline, imgs = pil_strong_pipeline(), [Image.fromarray(a) for a in x_np]
+    t_pil = timeit(lambda: [pipeline(im) for im in imgs], torch.device("cpu"), max(2, repeat // 3))
+    return {"batch": batch, "ours_strong_img_s": batch / t_ours, "ours_weak_img_s": batch / t_weak,
+            "pil_strong_img_s": batch / t_pil, "ratio": t_pil / t_ours}
+
+
+def bench_loss(dev: torch.device, k: int, repeat: int) -> dict:
+    n = k + 64 + 2 * 448
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(n, 128, generator=g).to(dev).requires_grad_(True)
+    y = torch.randint(0, k + 448, (n,), generator=g).to(dev)
+    w = torch.rand(n, generator=g).to(dev)
+
+    def plain_supcon():
+        z = F.normalize(f, dim=1)
+        eye = torch.eye(n, dtype=torch.bool, device=dev)
+        lp = torch.log_softmax((z @ z.T / 0.1).masked_fill(eye, -1e9), 1)
+        pos = ((y[:, None] == y[None, :]) & ~eye).float()
+        npos = pos.sum(1)
+        return (-(lp * pos).sum(1) / npos.clamp(min=1))[npos > 0].mean()
+
+    out = {"rows": n}
+    for name, fn in (("plain_supcon", plain_supcon),
+                     ("pair_weighted", lambda: losses.pair_weighted_supcon(f, y, w, validate=False)),
+                     ("anchor_weighted", lambda: losses.anchor_weighted_supcon(f, y, w, validate=False))):
+        out[f"{name}_ms"] = 1e3 * timeit(lambda: fn().backward(), dev, repeat, warmup=3)
+    out["pair_vs_plain"] = out["pair_weighted_ms"] / out["plain_supcon_ms"]
+    return out
+
+
+def bench_train(dev: torch.device, k: int, steps: int, arch: str, compile_: bool, tmp: str) -> dict:
+    import train
+    path = os.path.join(tmp, f"synthetic{k}.npz")
+    n = 4096
+    rng = np.random.default_rng(0)
+    np.savez(path, x_train=synthetic_images(n), y_train=rng.integers(0, k, n),
+             x_test=synthetic_images(256, seed=1), y_test=rng.integers(0, k, 256))
+    args = train.get_args(["--dataset", f"npz:{path}", "--labels-per-class", "4", "--arch", arch,
+                           "--device", str(dev), "--out", os.path.join(tmp, f"run{k}"),
+                           "--entropy-ratio", "0.2"] + (["--compile"] if compile_ else []))
+    run = train.Run(args)
+    warmup = 3 if compile_ else 1
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(dev)
+    t_step = timeit(run.train_step, dev, steps, warmup)
+    t_batch = timeit(run.batch, dev, steps, 1)
+    images = args.batch_size * (1 + 3 * args.mu)
+    peak = (torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    return {"k": k, "arch": arch, "compile": compile_, "amp": str(run.amp_dtype),
+            "step_ms": 1e3 * t_step, "steps_s": 1 / t_step, "images_s": images / t_step,
+            "batch_ms": 1e3 * t_batch, "data_share": t_batch / t_step,
+            "peak_mem_gib": peak, "hours_262144_steps": PAPER_STEPS * t_step / 3600}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch (and PIL: one process) threads")
+    p.add_argument("--aug-batch", type=int, default=448, help="images per augmentation batch")
+    p.add_argument("--repeat", type=int, default=None, help="timed repetitions (default 10 / 30 CUDA)")
+    p.add_argument("--steps", type=int, default=None, help="timed training steps (default 2 / 50 CUDA)")
+    p.add_argument("--arch", default="wrn-28-2")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model in (2)")
+    p.add_argument("--skip-train", action="store_true", help="skip (2), the slow part on CPU")
+    p.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    args = p.parse_args()
+    dev = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    cuda = dev.type == "cuda"
+    repeat = args.repeat or (30 if cuda else 10)
+    steps = args.steps or (50 if cuda else 2)
+    name = torch.cuda.get_device_name(dev) if cuda else f"CPU, {args.threads} thread(s)"
+    res = {"device": name, "threads": args.threads, "torch": torch.__version__}
+
+    res["augmentation"] = a = bench_augmentation(dev, args.aug_batch, repeat)
+    print(f"\n(1) strong augmentation, {a['batch']}-image batches, {name}")
+    print(f"    ours (batched, {dev.type})   {a['ours_strong_img_s']:10.0f} img/s   "
+          f"(weak alone {a['ours_weak_img_s']:.0f} img/s)")
+    print(f"    PIL per sample (CPU)     {a['pil_strong_img_s']:10.0f} img/s")
+    print(f"    ratio                    {a['ratio']:10.1f} x")
+
+    res["loss"] = []
+    print("\n(3) loss forward + backward, D = 128")
+    for k in (10, 100):
+        r = bench_loss(dev, k, repeat)
+        res["loss"].append(r)
+        print(f"    K={k:3d} N={r['rows']}: plain SupCon {r['plain_supcon_ms']:.2f} ms, "
+              f"Eq. (8) {r['pair_weighted_ms']:.2f} ms ({r['pair_vs_plain']:.2f}x), "
+              f"Eq. (6) {r['anchor_weighted_ms']:.2f} ms")
+
+    if not args.skip_train:
+        res["train"] = []
+        print(f"\n(2) training step, 64 + 3 x 448 images, {args.arch}, {name}")
+        with tempfile.TemporaryDirectory() as tmp:
+            for k in (10, 100):
+                r = bench_train(dev, k, steps, args.arch, args.compile, tmp)
+                res["train"].append(r)
+                print(f"    K={k:3d}: {r['steps_s']:.2f} steps/s, {r['images_s']:.0f} img/s, "
+                      f"step {r['step_ms']:.0f} ms of which batch (data) {r['batch_ms']:.0f} ms "
+                      f"({100 * r['data_share']:.0f} %), peak mem {r['peak_mem_gib']:.2f} GiB, "
+                      f"262,144 steps = {r['hours_262144_steps']:.1f} h")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=1)
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

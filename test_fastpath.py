@@ -1,0 +1,74 @@
+"""The fast path (channels_last, torch.compile, foreach EMA) changes nothing that matters."""
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from conftest import tiny_args
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def losses_after_steps(args, n=4):
+    run = train.Run(train.get_args(args))
+    out = []
+    for _ in range(n):
+        before = run.stats[0].item()
+        run.train_step()
+        out.append(run.stats[0].item() - before)
+    return out, run
+
+
+def test_channels_last_on_and_off_give_the_same_losses(tiny_npz, tmp_path):
+    a, run_a = losses_after_steps(tiny_args(tiny_npz, tmp_path / "a"))
+    b, run_b = losses_after_steps(tiny_args(tiny_npz, tmp_path / "b", "--no-channels-last"))
+    assert run_a.model.backbone.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5)
+    for (k, p), q in zip(run_a.model.state_dict().items(), run_b.model.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5, msg=k)
+
+
+def test_foreach_ema_matches_the_textbook_update():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+        model[1].running_mean.add_(1.0)
+    expected = [0.9 * e + 0.1 * p for e, p in zip(ema.parameters(), model.parameters())]
+    train.ema_update(ema, model, 0.9)
+    for e, x in zip(ema.parameters(), expected):
+        torch.testing.assert_close(e, x)
+    assert torch.equal(ema[1].running_mean, model[1].running_mean)
+
+
+def test_lr_schedule_is_fixmatch_cosine():
+    assert train.lr_at(0, 100, 0.03) == 0.03
+    assert abs(train.lr_at(100, 100, 0.03) - 0.03 * 0.19509032) < 1e-7  # cos(7 pi / 16)
+
+
+def test_weight_decay_only_on_matrices(tiny_npz, tmp_path):
+    run = train.Run(train.get_args(tiny_args(tiny_npz, tmp_path / "wd")))
+    decay, no_decay = run.opt.param_groups
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
+    assert decay["nesterov"] and decay["momentum"] == 0.9
+
+
+def test_compile_on_cpu_if_it_fits_in_a_minute(tiny_npz, tmp_path):
+    code = ("import sys, train; r = train.main(sys.argv[1:]); print('FINAL', r['final_acc'])")
+    cmd = [sys.executable, "-c", code, *tiny_args(tiny_npz, tmp_path / "c", "--compile",
+                                                  "--epochs", "1")]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=HERE)
+    except subprocess.TimeoutExpired:
+        pytest.skip("torch.compile on this CPU takes over a minute; not exercised here")
+    if p.returncode != 0 and ("CppCompileError" in p.stderr or "InductorError" in p.stderr):
+        pytest.skip("torch.compile has no working C++ toolchain here: " + p.stderr[-200:])
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "FINAL" in p.stdout

@@ -29,7 +29,7 @@ def test_channels_last_on_and_off_give_the_same_losses(tiny_npz, tmp_path):
     assert run_a.model.backbone.stem.weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5)
     for (k, p), q in zip(run_a.model.state_dict().items(), run_b.model.state_dict().values()):
-        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5, msg=k)
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=5e-4, msg=k)  # conv algorithms differ
 
 
 def test_foreach_ema_matches_the_textbook_update():

@@ -50,21 +50,24 @@ def load_dataset(name: str, data_dir: str = "data") -> dict:
 def load_cifar(name: str, data_dir: str) -> dict:
     import torchvision
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    folder = os.path.join(data_dir, CIFAR_FOLDERS[name])
+    folder = os.path.join(os.path.abspath(data_dir), CIFAR_FOLDERS[name])
+    advice = (f"Download {CIFAR_URLS[name]} and extract it into {os.path.abspath(data_dir)} (so "
+              f"that {folder}/ exists), then run again with --data-dir {data_dir}")
     if not os.path.isdir(folder):
         old_timeout = socket.getdefaulttimeout()
         socket.setdefaulttimeout(60)  # a blocked network should fail, not hang
         try:
             cls(data_dir, train=True, download=True)
         except Exception as e:  # noqa: BLE001 - any download failure gets the same advice
-            raise RuntimeError(
-                f"{name} is not in {os.path.abspath(data_dir)} and could not be downloaded "
-                f"({type(e).__name__}: {e}). Download {CIFAR_URLS[name]} and extract it into "
-                f"{os.path.abspath(data_dir)} (so that {folder}/ exists), then run again "
-                f"with --data-dir {data_dir}") from None
+            raise RuntimeError(f"{name} is not in {os.path.abspath(data_dir)} and could not be "
+                               f"downloaded ({type(e).__name__}: {e}). {advice}") from None
         finally:
             socket.setdefaulttimeout(old_timeout)
-    train, test = cls(data_dir, train=True), cls(data_dir, train=False)
+    try:
+        train, test = cls(data_dir, train=True), cls(data_dir, train=False)
+    except RuntimeError as e:
+        raise RuntimeError(f"{folder} is incomplete or corrupt ({e}). Delete it and run again to "
+                           f"download it, or: {advice}") from None
     return {"x_train": np.asarray(train.data, dtype=np.uint8),
             "y_train": np.asarray(train.targets, dtype=np.int64),
             "x_test": np.asarray(test.data, dtype=np.uint8),

@@ -271,3 +271,32 @@ def test_cifar_download_failure_is_one_clear_error(tmp_path, monkeypatch):
         data.load_dataset("cifar10", str(tmp_path))
     msg = str(e.value)
     assert str(tmp_path) in msg and "cifar-10-python.tar.gz" in msg and "\n" not in msg
+
+
+def test_cifar_corrupt_folder_is_one_clear_error(tmp_path):
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"truncated")
+    with pytest.raises(RuntimeError, match="incomplete or corrupt"):
+        data.load_dataset("cifar10", str(tmp_path))
+
+
+def test_cifar10_loads_from_torchvision_layout(tmp_path, monkeypatch):
+    """A fake cifar-10-batches-py in the original pickle layout (integrity check bypassed)."""
+    import pickle
+
+    import torchvision
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as fh:
+            pickle.dump({"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+                         "labels": list(range(4))}, fh)
+    with open(folder / "batches.meta", "wb") as fh:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, fh)
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    d = data.load_dataset("cifar10", str(tmp_path))
+    assert d["x_train"].shape == (20, 32, 32, 3) and d["x_test"].shape == (4, 32, 32, 3)
+    assert d["num_classes"] == 10 and d["classes"][3] == "class3"
+    assert d["y_train"].tolist() == [0, 1, 2, 3] * 5

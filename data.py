@@ -19,7 +19,7 @@ On CUDA each family runs over the whole batch (images with another op get the id
 parameters), so there is no host synchronisation; on CPU only the images that drew an op of
 the family are processed, since finding them costs nothing there.
 """
-import math
+import functools
 import os
 import socket
 
@@ -191,8 +191,15 @@ AFFINE = [OP[o] for o in ("Rotate", "ShearX", "ShearY", "TranslateX", "Translate
 ENHANCE = [OP[o] for o in ("Brightness", "Color", "Contrast", "Sharpness")]
 LOOKUP = [OP[o] for o in ("AutoContrast", "Equalize", "Posterize", "Solarize")]
 CUTOUT_FILL = (125.0, 123.0, 114.0)
-_LO = torch.tensor([RANGES[o][0] for o in OPS], dtype=torch.float32)
-_HI = torch.tensor([RANGES[o][1] for o in OPS], dtype=torch.float32)
+LOW = tuple(float(RANGES[o][0]) for o in OPS)
+HIGH = tuple(float(RANGES[o][1]) for o in OPS)
+
+
+@functools.lru_cache(maxsize=None)
+def _const(values: tuple, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A small constant tensor, copied to the device once: a host-to-device copy of pageable
+    memory inside the step would wait for the GPU queue (a hidden sync)."""
+    return torch.tensor(values, device=device, dtype=dtype)
 
 
 def _gather_pixels(x: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor) -> torch.Tensor:
@@ -263,7 +270,7 @@ def _enhance(x: torch.Tensor, op: torch.Tensor, v: torch.Tensor, present=ENHANCE
         deg = torch.where(o == OP["Contrast"], mean, deg)
     if OP["Sharpness"] in present:
         deg = torch.where(o == OP["Sharpness"], _smooth(x), deg)
-    factor = torch.where(torch.isin(op, torch.tensor(ENHANCE, device=op.device)), v, 1.0)
+    factor = torch.where(torch.isin(op, _const(tuple(ENHANCE), op.device)), v, 1.0)
     return torch.floor((deg + factor.view(-1, 1, 1, 1) * (x - deg)).clamp(0, 255))
 
 
@@ -317,7 +324,7 @@ def apply_ops(x: torch.Tensor, op: torch.Tensor, v: torch.Tensor, subset: bool |
     subset = x.device.type == "cpu" if subset is None else subset
     if not subset:
         for members, fn in _FAMILIES:
-            sel = torch.isin(op, torch.tensor(members, device=op.device))
+            sel = torch.isin(op, _const(tuple(members), op.device))
             x = fn(x, torch.where(sel, op, OP["Identity"]), v)
         return x
     out = x if inplace else x.clone()
@@ -361,7 +368,7 @@ def rand_augment(x: torch.Tensor, g: torch.Generator, n_ops: int = 3) -> torch.T
     n, dev = x.shape[0], x.device
     ops = torch.randint(0, len(OPS), (n_ops, n), generator=g, device=dev)
     u = torch.rand(n_ops, n, generator=g, device=dev)
-    lo, hi = _LO.to(dev)[ops], _HI.to(dev)[ops]
+    lo, hi = _const(LOW, dev, torch.float32)[ops], _const(HIGH, dev, torch.float32)[ops]
     x = x.clone()  # ours to overwrite from here on
     for j in range(n_ops):
         x = apply_ops(x, ops[j], lo[j] + (hi[j] - lo[j]) * u[j], inplace=True)
@@ -391,7 +398,7 @@ def fill_box(x: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor, y1: torch.Tens
     ys = torch.arange(h, device=x.device).view(1, h, 1)
     box = ((xs >= x0.view(n, 1, 1)) & (xs < x1.view(n, 1, 1)) &
            (ys >= y0.view(n, 1, 1)) & (ys < y1.view(n, 1, 1))).unsqueeze(1)
-    fill = torch.tensor(CUTOUT_FILL, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    fill = _const(CUTOUT_FILL, x.device, x.dtype).view(1, 3, 1, 1)
     return torch.where(box, fill, x)
 
 

@@ -85,7 +85,7 @@ def test_mixed_ops_in_one_batch_match_per_image_pil_and_both_paths_agree():
     n = len(x_np)
     g = torch.Generator().manual_seed(3)
     op = torch.arange(n) % len(data.OPS)
-    lo, hi = data._LO[op], data._HI[op]
+    lo, hi = torch.tensor(data.LOW)[op], torch.tensor(data.HIGH)[op]
     v = lo + (hi - lo) * torch.rand(n, generator=g)
     a = data.apply_ops(nchw(x_np).float(), op, v, subset=True)
     b = data.apply_ops(nchw(x_np).float(), op, v, subset=False)
@@ -159,7 +159,7 @@ def test_rand_augment_draws_ops_and_magnitudes_per_image():
     for op, v in calls:
         counts = torch.bincount(op, minlength=14)
         assert counts.min() > 10  # every op is drawn, uniformly-ish
-        assert torch.all(v >= data._LO[op]) and torch.all(v <= data._HI[op])
+        assert torch.all(v >= torch.tensor(data.LOW)[op]) and torch.all(v <= torch.tensor(data.HIGH)[op])
         assert len(set(v.tolist())) > 400
     assert not torch.equal(calls[0][0], calls[1][0])
 

@@ -310,7 +310,7 @@ class Run:
             conf = probs.max(1).values >= a.threshold
             sel = (pl < self.k) & ~conf
             right = pl == y_ulb
-            s += [torch.tensor(float(n_ulb), device=self.dev, dtype=torch.float64)]
+            s += [torch.full((), float(n_ulb), device=self.dev, dtype=torch.float64)]
             s += [t.sum().double() for t in (conf, sel, pl >= self.k, conf & right, sel & right)]
             s += [pw.sum().double()]
         else:

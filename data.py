@@ -202,15 +202,22 @@ def _const(values: tuple, device: torch.device, dtype: torch.dtype = torch.long)
     return torch.tensor(values, device=device, dtype=dtype)
 
 
-def _gather_pixels(x: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor) -> torch.Tensor:
-    """out[n, c, y, x] = x[n, c, iy[n, y, x], ix[n, y, x]], 0 where (iy, ix) is outside.
-    iy, ix hold integers as float32 (index arithmetic in float32 is exact here and ~2x cheaper
-    than in int64 on CPU)."""
+def _gather_pixels(x: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor, inside: bool = False
+                   ) -> torch.Tensor:
+    """out[n, c, y, x] = x[n, c, iy[n, y, x], ix[n, y, x]] as float32, 0 where (iy, ix) is
+    outside the image (inside=True promises it never is). iy, ix hold integers as float32: index
+    arithmetic in float32 is exact here and about 2x cheaper than in int64 on CPU."""
     n, c, h, w = x.shape
-    valid = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
-    idx = (iy.clamp(0, h - 1) * w + ix.clamp(0, w - 1)).long()
+    if inside:
+        idx = (iy * w + ix).long()
+    else:
+        idx = (iy.clamp(0, h - 1) * w + ix.clamp(0, w - 1)).long()
     out = x.reshape(n, c, h * w).gather(2, idx.view(n, 1, h * w).expand(n, c, h * w))
-    return torch.where(valid.unsqueeze(1), out.view(n, c, h, w), 0.0)
+    out = out.view(n, c, h, w).float()
+    if inside:
+        return out
+    valid = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
+    return torch.where(valid.unsqueeze(1), out, 0.0)
 
 
 def _affine(x: torch.Tensor, op: torch.Tensor, v: torch.Tensor, present=AFFINE) -> torch.Tensor:
@@ -349,7 +356,7 @@ def flip_translate(x: torch.Tensor, flip: torch.Tensor, dy: torch.Tensor, dx: to
     iy = reflect(torch.arange(h, device=dev).view(1, h, 1) + dy.view(n, 1, 1), h).expand(n, h, w)
     ix = reflect(torch.arange(w, device=dev).view(1, 1, w) + dx.view(n, 1, 1), w)
     ix = torch.where(flip.view(n, 1, 1), w - 1 - ix, ix).expand(n, h, w)
-    return _gather_pixels(x.float(), iy.float(), ix.float())
+    return _gather_pixels(x, iy.float(), ix.float(), inside=True)  # reflection stays inside
 
 
 def weak(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -365,11 +372,15 @@ def weak(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
 
 def rand_augment(x: torch.Tensor, g: torch.Generator, n_ops: int = 3) -> torch.Tensor:
     """USB RandAugment: n_ops ops drawn with replacement per image, magnitude U(lo, hi) each."""
+    return _rand_augment_(x.clone(), g, n_ops)
+
+
+def _rand_augment_(x: torch.Tensor, g: torch.Generator, n_ops: int = 3) -> torch.Tensor:
+    """rand_augment that may overwrite x (a float tensor the caller owns)."""
     n, dev = x.shape[0], x.device
     ops = torch.randint(0, len(OPS), (n_ops, n), generator=g, device=dev)
     u = torch.rand(n_ops, n, generator=g, device=dev)
     lo, hi = _const(LOW, dev, torch.float32)[ops], _const(HIGH, dev, torch.float32)[ops]
-    x = x.clone()  # ours to overwrite from here on
     for j in range(n_ops):
         x = apply_ops(x, ops[j], lo[j] + (hi[j] - lo[j]) * u[j], inplace=True)
     return x
@@ -404,7 +415,7 @@ def fill_box(x: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor, y1: torch.Tens
 
 def strong(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """A: weak, RandAugment(3 ops), Cutout. uint8 (N, 3, H, W) in, float32 0..255 out."""
-    return cutout(rand_augment(weak(x, g), g), g)
+    return cutout(_rand_augment_(weak(x, g), g), g)
 
 
 class Normalize:

@@ -193,6 +193,8 @@ class Run:
     def __init__(self, args):
         self.args = args
         dev = self.dev = torch.device(args.device)
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest convs once
         try:
             ds = data.load_dataset(args.dataset, args.data_dir)
             self.k = ds["num_classes"]

@@ -226,18 +226,23 @@ def _affine(x: torch.Tensor, op: torch.Tensor, v: torch.Tensor, present=AFFINE) 
     n, _, h, w = x.shape
     one, zero = torch.ones_like(v), torch.zeros_like(v)
     a, b, c, d, e, f = one, zero, zero, zero, one, zero
-    b = torch.where(op == OP["ShearX"], v, b)
-    d = torch.where(op == OP["ShearY"], v, d)
-    c = torch.where(op == OP["TranslateX"], v * w, c)
-    f = torch.where(op == OP["TranslateY"], v * h, f)
-    rot = op == OP["Rotate"]
-    theta = -torch.deg2rad(v)  # PIL turns counter-clockwise by v degrees about (w/2, h/2)
-    cx, cy = w / 2.0, h / 2.0
-    cos, sin = torch.cos(theta), torch.sin(theta)
-    a, b = torch.where(rot, cos, a), torch.where(rot, sin, b)
-    d, e = torch.where(rot, -sin, d), torch.where(rot, cos, e)
-    c = torch.where(rot, cx - cos * cx - sin * cy, c)
-    f = torch.where(rot, cy + sin * cx - cos * cy, f)
+    if OP["ShearX"] in present:
+        b = torch.where(op == OP["ShearX"], v, b)
+    if OP["ShearY"] in present:
+        d = torch.where(op == OP["ShearY"], v, d)
+    if OP["TranslateX"] in present:
+        c = torch.where(op == OP["TranslateX"], v * w, c)
+    if OP["TranslateY"] in present:
+        f = torch.where(op == OP["TranslateY"], v * h, f)
+    if OP["Rotate"] in present:
+        rot = op == OP["Rotate"]
+        theta = -torch.deg2rad(v)  # PIL turns counter-clockwise by v degrees about (w/2, h/2)
+        cx, cy = w / 2.0, h / 2.0
+        cos, sin = torch.cos(theta), torch.sin(theta)
+        a, b = torch.where(rot, cos, a), torch.where(rot, sin, b)
+        d, e = torch.where(rot, -sin, d), torch.where(rot, cos, e)
+        c = torch.where(rot, cx - cos * cx - sin * cy, c)
+        f = torch.where(rot, cy + sin * cx - cos * cy, f)
     ys = (torch.arange(h, device=x.device, dtype=torch.float32) + 0.5).view(1, h, 1)
     xs = (torch.arange(w, device=x.device, dtype=torch.float32) + 0.5).view(1, 1, w)
     p = [t.view(n, 1, 1) for t in (a, b, c, d, e, f)]

@@ -476,10 +476,24 @@ def main(argv=None) -> dict:
             f"amp {run.amp_dtype} | "
             f"{run.total} steps x {ipb} images -> {args.out}", flush=True)
 
+    try:
+        train_loop(run, metrics_path, ipb)
+    except KeyboardInterrupt:
+        fail(f"interrupted at step {run.step}; run the same command again to resume from the "
+             f"last checkpoint in {args.out}")
+    res = write_result(run)
+    print(f"done: final {100 * res['final_acc']:.2f} %, median of last 20 "
+          f"{100 * res['median_last20_acc']:.2f} %, best {100 * res['best_acc']:.2f} % "
+          f"-> {args.out}/result.json", flush=True)
+    return res
+
+
+def train_loop(run: Run, metrics_path: str, ipb: int) -> None:
+    """Steps until the end; progress lines, evaluations, metrics and checkpoints on schedule."""
+    args = run.args
+    t_session, elapsed0 = time.perf_counter(), run.elapsed
     steps_per_eval = args.eval_every * args.steps_per_epoch
-    t_log, step_log, loss_log = time.perf_counter(), run.step, 0.0
-    t_session = time.perf_counter()
-    elapsed0 = run.elapsed
+    t_log, step_log = time.perf_counter(), run.step
     while run.step < run.total:
         run.train_step()
         run.elapsed = elapsed0 + time.perf_counter() - t_session
@@ -501,18 +515,15 @@ def main(argv=None) -> dict:
             run.history.append(acc)
             m = epoch_metrics(run, acc)
             append_jsonl(metrics_path, m)
-            print(f"epoch {m['epoch']:.2f}: test acc {100 * acc:.2f} % (EMA), "
-                  f"pseudo-label acc conf {m['pl_acc_confident']} sel {m['pl_acc_selected']}",
-                  flush=True)
+            pct = lambda v: "-" if v is None else f"{100 * v:.1f} %"  # noqa: E731
+            print(f"epoch {m['epoch']:.2f}: test acc {100 * acc:.2f} % (EMA) | pseudo-label "
+                  f"accuracy: confident {pct(m['pl_acc_confident'])}, entropy-selected "
+                  f"{pct(m['pl_acc_selected'])} | mean unlabeled weight "
+                  f"{'-' if m['mean_weight'] is None else format(m['mean_weight'], '.3f')}", flush=True)
             run.stats = run.new_stats()
             run.save()
         elif args.save_every and run.step % args.save_every == 0:
             run.save()
-    res = write_result(run)
-    print(f"done: final {100 * res['final_acc']:.2f} %, median of last 20 "
-          f"{100 * res['median_last20_acc']:.2f} %, best {100 * res['best_acc']:.2f} % "
-          f"-> {args.out}/result.json", flush=True)
-    return res
 
 
 if __name__ == "__main__":

@@ -139,11 +139,11 @@ def _logits_lse_positives(features: torch.Tensor, labels: torch.Tensor, temperat
     mask P (float). -l_ip = lse_i - s_ip is never materialised: sums over p are taken as
     sum_p W_ip (-l_ip) = lse_i sum_p W_ip - sum_p W_ip s_ip, which saves two N x N passes."""
     z = F.normalize(_f32(features), dim=1)
-    n = z.shape[0]
-    eye = torch.eye(n, dtype=torch.bool, device=z.device)
-    logits = ((z / temperature) @ z.T).masked_fill(eye, _SELF_FILL)
+    logits = (z / temperature) @ z.T
+    logits.diagonal().fill_(_SELF_FILL)  # in place: N writes instead of an N x N mask pass
     lse = torch.logsumexp(logits, dim=1)  # removes the row max internally
-    pos = ((labels[:, None] == labels[None, :]) & ~eye).to(logits.dtype)
+    pos = (labels[:, None] == labels[None, :]).to(logits.dtype)
+    pos.diagonal().fill_(0.0)
     return logits, lse, pos
 
 

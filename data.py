@@ -14,7 +14,8 @@ The 14 ops fall in three families that each run as one batched operation:
         degenerate + v (img - degenerate) truncated to uint8, with a per-image degenerate image;
     lookup (AutoContrast, Equalize, Posterize, Solarize): one per-image, per-channel 256-entry
         table, applied with one gather.
-Images stay float32 holding integers 0..255 between ops, so every op quantises like PIL's.
+Images stay uint8 between ops, so every op quantises like PIL's and moves a quarter of the
+bytes a float pipeline would; only the enhance ops compute in float32.
 On CUDA each family runs over the whole batch (images with another op get the identity
 parameters), so there is no host synchronisation; on CPU only the images that drew an op of
 the family are processed, since finding them costs nothing there.
@@ -211,7 +212,7 @@ def _gather_pixels(x: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor) -> torch
     valid = (ixc == ix) & (iyc == iy)  # unchanged by the clamp = inside
     idx = torch.addcmul(ixc, iyc, torch.full_like(iyc[:1, :1, :1], w)).long()
     out = x.reshape(n, c, h * w).gather(2, idx.view(n, 1, h * w).expand(n, c, h * w))
-    return torch.where(valid.unsqueeze(1), out.view(n, c, h, w), 0.0)
+    return out.view(n, c, h, w) * valid.unsqueeze(1)  # black outside; a multiply beats where on CPU
 
 
 def _affine(x: torch.Tensor, op: torch.Tensor, v: torch.Tensor, present=AFFINE) -> torch.Tensor:
@@ -268,16 +269,21 @@ def _enhance(x: torch.Tensor, op: torch.Tensor, v: torch.Tensor, present=ENHANCE
     (Sharpness). Images with another op get factor 1, which returns them unchanged exactly.
     `present` lists the ops that may occur, so that the CPU path computes no unused degenerate."""
     o = op.view(-1, 1, 1, 1)
-    deg = torch.zeros_like(x[:, :1])
+    x = x.float()
+    degs = {OP["Brightness"]: torch.zeros_like(x[:, :1, :1, :1])}
     if OP["Color"] in present or OP["Contrast"] in present:
         gray = _grayscale(x)
-        deg = torch.where(o == OP["Color"], gray, deg)
-        mean = torch.floor(gray.mean(dim=(1, 2, 3), keepdim=True) + 0.5)
-        deg = torch.where(o == OP["Contrast"], mean, deg)
+        degs[OP["Color"]] = gray
+        degs[OP["Contrast"]] = torch.floor(gray.mean(dim=(1, 2, 3), keepdim=True) + 0.5)
     if OP["Sharpness"] in present:
-        deg = torch.where(o == OP["Sharpness"], _smooth(x), deg)
+        degs[OP["Sharpness"]] = _smooth(x)
+    if len(present) == 1:
+        deg = degs[present[0]]
+    else:  # per-image choice as a sum of 0/1-masked terms: exact, and far cheaper than where on CPU
+        deg = sum(d * (o == k) for k, d in degs.items() if k in present)
     factor = torch.where(torch.isin(op, _const(tuple(ENHANCE), op.device)), v, 1.0)
-    return torch.floor((deg + factor.view(-1, 1, 1, 1) * (x - deg)).clamp(0, 255))
+    # truncation toward zero of a non-negative float, as PIL's (UINT8) cast
+    return (deg + factor.view(-1, 1, 1, 1) * (x - deg)).clamp_(0, 255).to(torch.uint8)
 
 
 def _lookup(x: torch.Tensor, op: torch.Tensor, v: torch.Tensor, present=LOOKUP) -> torch.Tensor:
@@ -287,11 +293,14 @@ def _lookup(x: torch.Tensor, op: torch.Tensor, v: torch.Tensor, present=LOOKUP) 
     n, c, h, w = x.shape
     o = op.view(n, 1, 1, 1)
     vv = v.view(n, 1, 1, 1)
-    if OP["Solarize"] in present:  # invert the values >= threshold
-        x = torch.where((o == OP["Solarize"]) & (x >= vv), 255.0 - x, x)
-    if OP["Posterize"] in present:  # keep the top int(v) bits
-        step = torch.where(o == OP["Posterize"], torch.exp2(8 - torch.floor(vv)), 1.0)
-        x = torch.floor(x / step) * step
+    if OP["Solarize"] in present:  # invert the values >= threshold v, i.e. >= ceil(v) (integers)
+        flip = x >= torch.ceil(vv).clamp(0, 256).to(torch.int16)  # integer compare, no float
+        if len(present) > 1:
+            flip &= o == OP["Solarize"]
+        x = x ^ (flip.to(torch.uint8) * 255)  # 255 - x = x xor 255 for uint8
+    if OP["Posterize"] in present:  # keep the top int(v) bits: x & (256 - 2^(8 - bits))
+        mask = torch.where(o == OP["Posterize"], 256.0 - torch.exp2(8 - torch.floor(vv)), 255.0)
+        x = x & mask.to(torch.uint8)
     if OP["AutoContrast"] not in present and OP["Equalize"] not in present:
         return x
     xl = x.long().view(n, c, h * w)
@@ -314,7 +323,7 @@ def _lookup(x: torch.Tensor, op: torch.Tensor, v: torch.Tensor, present=LOOKUP) 
         below = torch.cumsum(hist, 2) - hist
         equalized = torch.floor((torch.floor(step_eq / 2) + below) / step_eq.clamp(min=1))
         lut = torch.where((o == OP["Equalize"]) & (step_eq > 0), equalized.clamp(0, 255), lut)
-    return lut.to(x.dtype).gather(2, xl).view(n, c, h, w)
+    return lut.to(torch.uint8).gather(2, xl).view(n, c, h, w)
 
 
 _FAMILIES = ((AFFINE, _affine), (ENHANCE, _enhance), (LOOKUP, _lookup))
@@ -323,23 +332,30 @@ _FAMILY_OF = {k: fn for members, fn in _FAMILIES for k in members}
 
 def apply_ops(x: torch.Tensor, op: torch.Tensor, v: torch.Tensor, subset: bool | None = None,
               inplace: bool = False) -> torch.Tensor:
-    """Apply op[i] with magnitude v[i] to image i of x (float, integer values 0..255, N,3,H,W).
+    """Apply op[i] with magnitude v[i] to image i of x (uint8, N, 3, H, W).
     subset=True runs each op on its own images only (it needs a host sync: the CPU default);
     False runs each family on the whole batch with identity parameters for the images that drew
     another op (no sync: the CUDA default). inplace=True lets the subset path write into x."""
+    if x.dtype != torch.uint8:
+        raise ValueError(f"augmentation works on uint8 images, got {x.dtype}")
     subset = x.device.type == "cpu" if subset is None else subset
     if not subset:
         for members, fn in _FAMILIES:
             sel = torch.isin(op, _const(tuple(members), op.device))
             x = fn(x, torch.where(sel, op, OP["Identity"]), v)
         return x
-    out = x if inplace else x.clone()
-    for k in op.unique().tolist():
-        if k != OP["Identity"]:
-            idx = (op == k).nonzero().squeeze(1)
-            x_k = x.index_select(0, idx)  # a row copy, several times faster than x[idx] on CPU
-            out.index_copy_(0, idx, _FAMILY_OF[k](x_k, op[idx], v[idx], present=(k,)))
-    return out
+    # sort the images by op once, so that each op works on a contiguous slice (a view)
+    order = torch.argsort(op, stable=True)
+    counts = torch.bincount(op, minlength=len(OPS)).tolist()
+    xs, op_s, v_s = x.index_select(0, order), op[order], v[order]
+    start = 0
+    for k, count in enumerate(counts):
+        end = start + count
+        if count and k != OP["Identity"]:
+            xs[start:end] = _FAMILY_OF[k](xs[start:end], op_s[start:end], v_s[start:end], (k,))
+        start = end
+    out = x if inplace else torch.empty_like(x)
+    return out.index_copy_(0, order, xs)
 
 
 def flip_translate(x: torch.Tensor, flip: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor
@@ -357,13 +373,13 @@ def flip_translate(x: torch.Tensor, flip: torch.Tensor, dy: torch.Tensor, dx: to
     ix = reflect(torch.arange(w, device=dev).view(1, 1, w) + dx.view(n, 1, 1), w)
     ix = torch.where(flip.view(n, 1, 1), w - 1 - ix, ix)
     idx = (iy * w + ix).view(n, 1, h * w).expand(n, c, h * w)  # rows x cols: one broadcast add
-    return x.reshape(n, c, h * w).gather(2, idx).view(n, c, h, w).float()
+    return x.reshape(n, c, h * w).gather(2, idx).view(n, c, h, w)
 
 
 def weak(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
     """alpha: random horizontal flip, then a random translation of -pad..pad px in x and y with
     reflect padding (torchvision RandomHorizontalFlip + RandomCrop(padding=pad, 'reflect')).
-    uint8 or float (N, 3, H, W) in, float32 holding integers 0..255 out."""
+    uint8 (N, 3, H, W) in and out."""
     n, dev = x.shape[0], x.device
     flip = torch.rand(n, generator=g, device=dev) < 0.5
     dy = torch.randint(-pad, pad + 1, (n,), generator=g, device=dev)
@@ -377,7 +393,7 @@ def rand_augment(x: torch.Tensor, g: torch.Generator, n_ops: int = 3) -> torch.T
 
 
 def _rand_augment_(x: torch.Tensor, g: torch.Generator, n_ops: int = 3) -> torch.Tensor:
-    """rand_augment that may overwrite x (a float tensor the caller owns)."""
+    """rand_augment that may overwrite x (a uint8 tensor the caller owns)."""
     n, dev = x.shape[0], x.device
     ops = torch.randint(0, len(OPS), (n_ops, n), generator=g, device=dev)
     u = torch.rand(n_ops, n, generator=g, device=dev)
@@ -412,11 +428,11 @@ def fill_box(x: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor, y1: torch.Tens
     in_y = (ys >= y0.view(n, 1, 1)) & (ys < y1.view(n, 1, 1))  # (n, h, 1)
     box = (in_y & in_x).unsqueeze(1)
     fill = _const(CUTOUT_FILL, x.device, x.dtype).view(1, 3, 1, 1)
-    return torch.where(box, fill, x)
+    return x * ~box + fill * box  # exact (0/1 masks), and much cheaper than where on CPU
 
 
 def strong(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """A: weak, RandAugment(3 ops), Cutout. uint8 (N, 3, H, W) in, float32 0..255 out."""
+    """A: weak, RandAugment(3 ops), Cutout. uint8 (N, 3, H, W) in and out."""
     return cutout(_rand_augment_(weak(x, g), g), g)
 
 

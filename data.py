@@ -12,13 +12,13 @@ The 14 ops fall in three families that each run as one batched operation:
         nearest-neighbour convention (sample input at floor(A (x+0.5, y+0.5) + t)), black fill;
     enhance (Brightness, Color, Contrast, Sharpness): PIL ImageEnhance, i.e. a blend
         degenerate + v (img - degenerate) truncated to uint8, with a per-image degenerate image;
-    lookup (AutoContrast, Equalize, Posterize, Solarize): one per-image, per-channel 256-entry
-        table, applied with one gather.
+    lookup (AutoContrast, Equalize, Posterize, Solarize): per-pixel maps; Solarize and Posterize
+        as bitwise uint8 arithmetic, the other two as per-image, per-channel 256-entry tables.
 Images stay uint8 between ops, so every op quantises like PIL's and moves a quarter of the
 bytes a float pipeline would; only the enhance ops compute in float32.
 On CUDA each family runs over the whole batch (images with another op get the identity
-parameters), so there is no host synchronisation; on CPU only the images that drew an op of
-the family are processed, since finding them costs nothing there.
+parameters), so there is no host synchronisation; on CPU the images are sorted by op once per
+slot and each op runs on its own contiguous slice, since the sort's one sync costs nothing there.
 """
 import functools
 import os
@@ -361,7 +361,7 @@ def apply_ops(x: torch.Tensor, op: torch.Tensor, v: torch.Tensor, subset: bool |
 def flip_translate(x: torch.Tensor, flip: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor
                    ) -> torch.Tensor:
     """Per image: horizontal flip where flip[i], then out[y, x] = in[y + dy[i], x + dx[i]] with
-    reflect padding (numpy/torch 'reflect': index -1 reads 1). Float32 out."""
+    reflect padding (numpy/torch 'reflect': index -1 reads 1). One gather; dtype kept."""
     n, c, h, w = x.shape
     dev = x.device
 

@@ -304,3 +304,13 @@ def test_cifar10_loads_from_torchvision_layout(tmp_path, monkeypatch):
     assert d["x_train"].shape == (20, 32, 32, 3) and d["x_test"].shape == (4, 32, 32, 3)
     assert d["num_classes"] == 10 and d["classes"][3] == "class3"
     assert d["y_train"].tolist() == [0, 1, 2, 3] * 5
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIC) + ["Sharpness", "Equalize"])
+def test_ops_on_non_square_images_match_pil(name):
+    x_np = np.ascontiguousarray(real_images(16)[:, 3:27, :])  # 24 x 32 (H x W)
+    v = MAGNITUDES[name][0]
+    ref = np.stack([np.asarray(pil_op(Image.fromarray(im), name, v)) for im in x_np])
+    out = data.apply_ops(nchw(x_np), torch.full((16,), data.OP[name]), torch.full((16,), float(v)))
+    diff = out.permute(0, 2, 3, 1).numpy().astype(np.float32) != ref
+    assert diff.mean() <= 0.01, f"{name}: {diff.mean():.4f} of pixels differ"

@@ -26,7 +26,6 @@ import socket
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 # ---------------------------------------------------------------- datasets
 

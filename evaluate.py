@@ -49,7 +49,8 @@ def read_checkpoint(path: str) -> tuple[dict, str]:
 @torch.no_grad()
 def predict_all(model: torch.nn.Module, x_u8: torch.Tensor, normalize, batch_size: int = 1024,
                 amp_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Nearest-prototype predictions for uint8 images (N, 3, H, W), model in eval mode."""
+    """Predictions (nearest prototype, or classifier argmax for the peers) for uint8 images
+    (N, 3, H, W), model in eval mode."""
     was_training = model.training
     model.eval()
     preds = []
@@ -72,7 +73,8 @@ def evaluate_checkpoint(path: str, per_class: bool = False, data_dir: str | None
     state, f = read_checkpoint(path)
     a = state["args"]
     ds = data.load_dataset(a["dataset"], data_dir or a["data_dir"])
-    model = Encoder(ds["num_classes"], a["arch"]).to(device)
+    classifier = any(k.startswith("classifier.") for k in state["ema"])  # a peer method's run
+    model = Encoder(ds["num_classes"], a["arch"], classifier=classifier).to(device)
     model.load_state_dict(state["ema"])
     x = data.to_tensor_images(ds["x_test"], device)
     y = torch.from_numpy(ds["y_test"]).to(device)

@@ -64,16 +64,18 @@ class WideResNet(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Backbone + projection head (L2-normalised output) + K class prototypes."""
+    """Backbone + projection head (L2-normalised output) + K class prototypes, or, for the peer
+    methods (SPEC 9), a linear classifier on the pooled backbone feature instead of prototypes."""
 
     def __init__(self, num_classes: int, arch: str = "wrn-28-2", dim: int = 128,
-                 bn_momentum: float = BN_MOMENTUM):
+                 bn_momentum: float = BN_MOMENTUM, classifier: bool = False):
         super().__init__()
         depth, width = parse_arch(arch)
         self.backbone = WideResNet(depth, width, bn_momentum)
         self.head = nn.Sequential(nn.Linear(self.backbone.out_dim, dim), nn.ReLU(inplace=True),
                                   nn.Linear(dim, dim))
-        self.prototypes = nn.Parameter(torch.randn(num_classes, dim))
+        self.prototypes = None if classifier else nn.Parameter(torch.randn(num_classes, dim))
+        self.classifier = nn.Linear(self.backbone.out_dim, num_classes) if classifier else None
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
@@ -84,14 +86,21 @@ class Encoder(nn.Module):
                 nn.init.xavier_normal_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(self.backbone(x)), dim=1)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(z, logits): the L2-normalised projection, and the classifier logits (None without
+        a classifier). One pass over the backbone serves both."""
+        h = self.backbone(x)
+        z = F.normalize(self.head(h), dim=1)
+        return z, (self.classifier(h) if self.classifier is not None else None)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Nearest prototype by cosine similarity (SPEC 3, Prediction)."""
-        z = self(x).float()
-        return (z @ F.normalize(self.prototypes.float(), dim=1).T).argmax(1)
+        """Nearest prototype by cosine similarity (SPEC 3, Prediction), or the argmax of the
+        classifier logits for the peer methods (SPEC 9)."""
+        z, logits = self(x)
+        if logits is not None:
+            return logits.float().argmax(1)
+        return (z.float() @ F.normalize(self.prototypes.float(), dim=1).T).argmax(1)
 
 
 def parse_arch(arch: str) -> tuple[int, int]:

@@ -28,14 +28,14 @@ def test_embeddings_unit_norm_channels_last_and_autocast(arch):
     torch.manual_seed(0)
     enc = Encoder(7, arch).eval()
     x = torch.randn(4, 3, 32, 32)
-    z = enc(x)
+    z, _ = enc(x)
     assert z.shape == (4, 128)
     torch.testing.assert_close(z.norm(dim=1), torch.ones(4))
     enc_cl = enc.to(memory_format=torch.channels_last)
-    z_cl = enc_cl(x.contiguous(memory_format=torch.channels_last))
+    z_cl, _ = enc_cl(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(z_cl, z, atol=1e-5, rtol=1e-4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        z_bf = enc(x)
+        z_bf, _ = enc(x)
     assert torch.isfinite(z_bf).all() and (z_bf.float() - z).abs().max() < 0.1
     assert enc.predict(x).shape == (4,) and enc.predict(x).max() < 7
 
@@ -44,7 +44,7 @@ def test_predict_is_nearest_prototype():
     enc = Encoder(3, "wrn-10-1").eval()
     x = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
-        z = enc(x)
+        z, _ = enc(x)
         enc.prototypes.copy_(torch.stack([z[0], z[1], z[2]]) * 3.0)  # scale must not matter
     assert enc.predict(x[:3]).tolist() == [0, 1, 2]
 

@@ -1,5 +1,7 @@
 """Train WRN-28-2 with the unified contrastive loss [G] (--loss base) or its entropy-weighted
 pair-weighted version [N&O] (--loss entropy). Defaults are the paper's (SPEC.md sections 3, 7).
+The peers FixMatch, CCSSL and SimMatch (--loss fixmatch | ccssl | simmatch) run under the same
+protocol; each method's step is in methods.py.
 
     python train.py --dataset cifar10 --labels-per-class 4 --loss entropy
 
@@ -20,6 +22,7 @@ import torch
 
 import data
 import losses
+import methods
 from evaluate import CheckpointError, accuracy, read_checkpoint
 from model import BN_MOMENTUM, Encoder, parse_arch
 
@@ -30,7 +33,20 @@ PAPER_WD = {"cifar10": 5e-4, "cifar100": 1e-3}
 CONFIG_KEYS = ("dataset", "labels_per_class", "loss", "seed", "arch", "epochs", "steps_per_epoch",
                "batch_size", "mu", "lr", "wd", "threshold", "pl_temp", "temp", "low_weight",
                "entropy_ratio", "entropy_weighting", "entropy_epochs", "ema_decay",
-               "bn_momentum", "channels_last")
+               "bn_momentum", "channels_last", "pair_weight", "lambda_u", "lambda_c",
+               "ccssl_temp", "lambda_in", "bank_momentum", "bank_temp", "smoothing_alpha",
+               "da_len")
+# method-specific flags: (default, the methods they apply to). Given for another method, a flag
+# is an error; not given, it takes the default for its methods and None elsewhere.
+CONTRASTIVE, PEERS = ("base", "entropy"), methods.CLASSIFIER
+METHOD_FLAGS = {
+    "pl_temp": (0.1, CONTRASTIVE), "temp": (0.1, CONTRASTIVE), "low_weight": (0.2, CONTRASTIVE),
+    "pair_weight": ("geometric", ("entropy",)),
+    "lambda_u": (1.0, PEERS), "lambda_c": (1.0, ("ccssl",)), "ccssl_temp": (0.07, ("ccssl",)),
+    "lambda_in": (1.0, ("simmatch",)), "bank_momentum": (0.7, ("simmatch",)),
+    "bank_temp": (0.1, ("simmatch",)), "smoothing_alpha": (0.9, ("simmatch",)),
+    "da_len": (32, ("simmatch",)),
+}
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -43,12 +59,36 @@ def get_args(argv=None) -> argparse.Namespace:
     a("--labels-per-class", type=int, default=4, help="labeled images per class")
     a("--seed", type=int, default=0, help="seed of the split, initialisation and augmentation")
     # method
-    a("--loss", choices=["base", "entropy"], default="entropy",
-      help="base = [G] Eqs. (5)-(7); entropy = [N&O] Eqs. (8)-(14)")
-    a("--threshold", type=float, default=0.95, help="confidence threshold tau of Eq. (5)")
-    a("--pl-temp", type=float, default=0.1, help="temperature T_pl of the pseudo-labels, Eq. (4)")
-    a("--temp", type=float, default=0.1, help="temperature T of the contrastive loss")
-    a("--low-weight", type=float, default=0.2, help="weight lambda of unconfident samples, Eq. (7)")
+    a("--loss", choices=list(methods.STEPS), default="entropy",
+      help="base = [G] Eqs. (5)-(7); entropy = [N&O] Eqs. (8)-(14); fixmatch, ccssl, simmatch = "
+           "the peer methods of SPEC 9 under the same protocol")
+    a("--threshold", type=float, default=0.95,
+      help="confidence threshold tau of Eq. (5) (the peers' mask threshold p_cutoff too)")
+    a("--pl-temp", type=float, default=None,
+      help="base/entropy: temperature T_pl of the pseudo-labels, Eq. (4) (default 0.1)")
+    a("--temp", type=float, default=None,
+      help="base/entropy: temperature T of the contrastive loss (default 0.1)")
+    a("--low-weight", type=float, default=None,
+      help="base/entropy: weight lambda of unconfident samples, Eq. (7) (default 0.2)")
+    a("--pair-weight", choices=["geometric", "product"], default=None,
+      help="entropy: pair weight sqrt(w_i w_p) of Eq. (8) (geometric, default) or CCSSL's "
+           "product w_i w_p (ablation)")
+    # peer methods (SPEC 9)
+    a("--lambda-u", type=float, default=None,
+      help="fixmatch/ccssl/simmatch: weight of the unlabeled cross-entropy (default 1)")
+    a("--lambda-c", type=float, default=None, help="ccssl: weight of the contrastive term (default 1)")
+    a("--ccssl-temp", type=float, default=None,
+      help="ccssl: temperature of the class-aware contrastive loss (default 0.07)")
+    a("--lambda-in", type=float, default=None,
+      help="simmatch: weight of the instance (bank) consistency loss (default 1)")
+    a("--bank-momentum", type=float, default=None,
+      help="simmatch: labeled bank update bank <- normalize(m bank + (1-m) z) (default 0.7)")
+    a("--bank-temp", type=float, default=None,
+      help="simmatch: temperature t of the similarities to the bank (default 0.1)")
+    a("--smoothing-alpha", type=float, default=None,
+      help="simmatch: p_hat = alpha p_w + (1 - alpha) aggregated bank labels (default 0.9)")
+    a("--da-len", type=int, default=None,
+      help="simmatch: distribution-alignment queue length in batches (default 32)")
     a("--entropy-ratio", type=float, default=None,
       help="beta of Eq. (11); default: the paper's value for CIFAR (required otherwise)")
     a("--entropy-weighting", choices=list(losses.WEIGHTINGS), default="exp",
@@ -98,12 +138,24 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for name in ("mu", "save_every", "skip_nonfinite"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("lr", "pl_temp", "temp"):
-        if not getattr(args, name) > 0 or not math.isfinite(getattr(args, name)):
-            p.error(f"--{name.replace('_', '-')} must be a positive number, got {getattr(args, name)}")
+    check_method_flags(p, args)
+    for name in ("lr", "pl_temp", "temp", "ccssl_temp", "bank_temp"):
+        v = getattr(args, name)
+        if v is not None and (not v > 0 or not math.isfinite(v)):
+            p.error(f"--{name.replace('_', '-')} must be a positive number, got {v}")
+    for name in ("lambda_u", "lambda_c", "lambda_in"):
+        v = getattr(args, name)
+        if v is not None and (not v >= 0 or not math.isfinite(v)):
+            p.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+    for name in ("bank_momentum", "smoothing_alpha"):
+        v = getattr(args, name)
+        if v is not None and not 0 <= v <= 1:
+            p.error(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
+    if args.da_len is not None and args.da_len < 1:
+        p.error(f"--da-len must be >= 1, got {args.da_len}")
     if not 0 <= args.threshold <= 1:
         p.error(f"--threshold must be in [0, 1], got {args.threshold}")
-    if not 0 < args.low_weight <= 1:
+    if args.low_weight is not None and not 0 < args.low_weight <= 1:
         p.error(f"--low-weight must be in (0, 1], got {args.low_weight}")
     if not 0 <= args.ema_decay < 1:
         p.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
@@ -159,6 +211,18 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--out {args.out} is not writable: {e.strerror}")
 
 
+def check_method_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A method flag given for a method it does not apply to is an error; the rest get their
+    method's default (None where they do not apply, so the saved configuration says so)."""
+    for name, (default, owners) in METHOD_FLAGS.items():
+        if args.loss not in owners:
+            if getattr(args, name) is not None:
+                p.error(f"--{name.replace('_', '-')} applies to --loss {' / '.join(owners)} only, "
+                        f"not --loss {args.loss}")
+        elif getattr(args, name) is None:
+            setattr(args, name, default)
+
+
 def fail(msg: str) -> None:
     sys.exit(f"train.py: error: {msg}")
 
@@ -212,7 +276,8 @@ class Run:
         self.norm = data.Normalize(self.mean, self.std, dev, channels_last=args.channels_last)
 
         torch.manual_seed(args.seed)
-        self.model = Encoder(self.k, args.arch, bn_momentum=args.bn_momentum).to(dev)
+        self.model = Encoder(self.k, args.arch, bn_momentum=args.bn_momentum,
+                             classifier=args.loss in methods.CLASSIFIER).to(dev)
         if args.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
@@ -229,6 +294,11 @@ class Run:
         self.sampler_ulb = (data.IndexSampler(len(self.x_train), args.mu * args.batch_size,
                                               torch.Generator(dev).manual_seed(args.seed + 3))
                             if args.mu > 0 else None)
+        self.step_fn = methods.STEPS[args.loss]
+        self.n_strong = methods.STRONG_VIEWS[args.loss]
+        self.method_state = (methods.SimMatchState(self.y_train[self.lb], self.k, 128, args.da_len,
+                                                   torch.Generator(dev).manual_seed(args.seed + 4))
+                             if args.loss == "simmatch" else None)
         self.total = args.epochs * args.steps_per_epoch
         self.step = 0
         self.history: list[float] = []  # test accuracy of each evaluation
@@ -239,47 +309,38 @@ class Run:
         self.skipped = 0
 
     def new_stats(self) -> torch.Tensor:
-        # loss sum, steps, unlabeled seen, confident, entropy-selected, unconfident,
-        # correct confident, correct selected, weight sum
-        return torch.zeros(9, device=self.dev, dtype=torch.float64)
+        # loss sum, steps, then the method's diagnostic counts (methods.DIAG)
+        return torch.zeros(2 + len(methods.DIAG), device=self.dev, dtype=torch.float64)
 
     # ---------------------------------------------------------------- the training step
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
-        """[weak(x_lb); weak(x_ulb); strong1(x_ulb); strong2(x_ulb)], normalised, on the device."""
-        idx = self.lb[self.sampler_lb.next()]
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+        """[weak(x_lb); weak(x_ulb); strong1(x_ulb) (; strong2(x_ulb))], normalised, on the device,
+        with the labels, the labeled images' positions in the labeled set, and the unlabeled
+        images' true labels (for the diagnostics only)."""
+        pos_lb = self.sampler_lb.next()
+        idx = self.lb[pos_lb]
         x_lb, y_lb = self.x_train[idx], self.y_train[idx]
         parts = [data.weak(x_lb, self.g_aug)]
         y_ulb, n_ulb = None, 0
         if self.sampler_ulb is not None:
             idx_ulb = self.sampler_ulb.next()
             x_ulb, y_ulb, n_ulb = self.x_train[idx_ulb], self.y_train[idx_ulb], len(idx_ulb)
-            parts += [data.weak(x_ulb, self.g_aug), data.strong(torch.cat([x_ulb, x_ulb]), self.g_aug)]
-        return self.norm(torch.cat(parts)), y_lb, y_ulb, n_ulb
+            parts += [data.weak(x_ulb, self.g_aug),
+                      data.strong(torch.cat([x_ulb] * self.n_strong), self.g_aug)]
+        return self.norm(torch.cat(parts)), y_lb, pos_lb, y_ulb, n_ulb
 
     def train_step(self) -> None:
         a = self.args
-        x, y_lb, y_ulb, n_ulb = self.batch()
+        x, y_lb, pos_lb, y_ulb, n_ulb = self.batch()
         with torch.autocast(self.dev.type, dtype=self.amp_dtype or torch.bfloat16,
                             enabled=self.amp_dtype is not None):
-            z = self.forward(x)
-        z = z.float()
-        n_lb = len(y_lb)
-        protos = self.model.prototypes
+            z, logits = self.forward(x)
+        out = methods.split_views(z.float(), None if logits is None else logits.float(), len(y_lb),
+                                  n_ulb, self.n_strong, y_lb, pos_lb, y_ulb)
         entropy_on = a.loss == "entropy" and self.step < a.entropy_epochs * a.steps_per_epoch
-        if n_ulb:
-            z_w, z_s1, z_s2 = z[n_lb:].split(n_ulb)
-            with torch.no_grad():  # Eq. (4) targets from the online model's weak view
-                probs = losses.prototype_probs(z_w.detach(), protos.detach(), a.pl_temp)
-                pl, pw = losses.assign_pseudo_labels(probs, a.threshold,
-                                                     a.entropy_ratio if entropy_on else None,
-                                                     a.low_weight, a.entropy_weighting,
-                                                     validate=False)
-            feats, labels, weights = losses.contrastive_batch(protos, z[:n_lb], y_lb, z_s1, z_s2,
-                                                              pl, pw)
-        else:
-            feats, labels, weights = losses.contrastive_batch(protos, z, y_lb)
-        loss = losses.LOSSES[a.loss](feats, labels, weights, a.temp, validate=False)
+        loss, diag = self.step_fn(out, self.model, a, entropy_on, self.method_state,
+                                  self.step // a.steps_per_epoch)
         if self.step == a.debug_nan_step:
             loss = loss * float("nan")
 
@@ -307,17 +368,8 @@ class Run:
         self.opt.zero_grad(set_to_none=True)
         ema_update(self.ema, self.model, a.ema_decay)
 
-        s = [loss.detach().double(), torch.ones((), device=self.dev, dtype=torch.float64)]
-        if n_ulb:
-            conf = probs.max(1).values >= a.threshold
-            sel = (pl < self.k) & ~conf
-            right = pl == y_ulb
-            s += [torch.full((), float(n_ulb), device=self.dev, dtype=torch.float64)]
-            s += [t.sum().double() for t in (conf, sel, pl >= self.k, conf & right, sel & right)]
-            s += [pw.sum().double()]
-        else:
-            s += [torch.zeros((), device=self.dev, dtype=torch.float64)] * 7
-        self.stats += torch.stack(s)
+        one = torch.ones((), device=self.dev, dtype=torch.float64)
+        self.stats += torch.cat([torch.stack([loss.detach().double(), one]), diag])
         self.step += 1
 
     def check_finite(self) -> None:
@@ -346,6 +398,7 @@ class Run:
             "mean": self.mean, "std": self.std, "classes": list(self.classes),
             "history": list(self.history), "elapsed": self.elapsed,
             "stats": self.stats.cpu(), "skipped": self.skipped,
+            "method_state": self.method_state.state_dict() if self.method_state else {},
         }
 
     def load_state_dict(self, s: dict) -> None:
@@ -371,6 +424,8 @@ class Run:
         self.step, self.history, self.elapsed = s["step"], list(s["history"]), s["elapsed"]
         self.stats = s["stats"].to(self.dev)
         self.skipped = s["skipped"]
+        if self.method_state:
+            self.method_state.load_state_dict(s["method_state"])
 
     def save(self) -> None:
         """Atomic: write last.pt.tmp, fsync, keep the old last.pt as prev.pt, rename."""
@@ -415,14 +470,19 @@ def truncate_metrics(path: str, step: int) -> None:
 
 
 def epoch_metrics(run: Run, acc: float) -> dict:
-    loss_sum, steps, n_ulb, conf, sel, unconf, conf_ok, sel_ok, w_sum = run.stats.tolist()
+    loss_sum, steps, n_ulb, conf, sel, unconf, conf_ok, sel_ok, w_sum, hat_ok, pw_ok = \
+        run.stats.tolist()
+    simmatch = run.args.loss == "simmatch" and n_ulb
     return {"step": run.step, "epoch": run.step / run.args.steps_per_epoch,
             "lr": lr_at(run.step - 1, run.total, run.args.lr), "loss": loss_sum / max(steps, 1),
             "test_acc": acc, "confident": conf / max(n_ulb, 1), "entropy_selected": sel / max(n_ulb, 1),
             "unconfident": unconf / max(n_ulb, 1),
             "pl_acc_confident": conf_ok / conf if conf else None,
             "pl_acc_selected": sel_ok / sel if sel else None,
-            "mean_weight": w_sum / n_ulb if n_ulb else None, "elapsed_s": round(run.elapsed, 1)}
+            "mean_weight": w_sum / n_ulb if n_ulb else None,
+            "pl_acc_p_hat": hat_ok / n_ulb if simmatch else None,  # SimMatch: argmax p_hat right
+            "pl_acc_p_w": pw_ok / n_ulb if simmatch else None,  # and argmax of aligned p_w
+            "elapsed_s": round(run.elapsed, 1)}
 
 
 def versions() -> dict:
@@ -467,11 +527,12 @@ def main(argv=None) -> dict:
         print(f"resumed from {f} at step {run.step}/{run.total}")
     elif os.path.exists(metrics_path):
         os.remove(metrics_path)  # a fresh run; old metrics without a checkpoint are stale
-    ipb = args.batch_size * (1 + 3 * args.mu)
+    ipb = args.batch_size * (1 + (1 + run.n_strong) * args.mu)
     print(f"{args.dataset}: {len(run.x_train)} train / {len(run.x_test)} test images, {run.k} "
           f"classes, {len(run.lb)} labeled | loss {args.loss}"
           + (f" (beta {args.entropy_ratio}, {args.entropy_weighting} weighting, first "
-             f"{args.entropy_epochs} epochs)" if args.loss == "entropy" else "")
+             f"{args.entropy_epochs} epochs, {args.pair_weight} pair weight)"
+             if args.loss == "entropy" else "")
           + f" | {args.arch} (BN momentum {args.bn_momentum:g}) on {device_name(run.dev)}, "
             f"amp {run.amp_dtype} | "
             f"{run.total} steps x {ipb} images -> {args.out}", flush=True)

@@ -1,0 +1,216 @@
+"""One training step per method: from the forward pass of one batch to (loss, diagnostics).
+
+    contrastive_step   --loss base | entropy   [G] Eqs. (4)-(7) / [N&O] Eqs. (8)-(14)   (SPEC 3)
+    fixmatch_step      --loss fixmatch         Sohn et al. 2020                          (SPEC 9)
+    ccssl_step         --loss ccssl            Yang et al. 2022: FixMatch + class-aware contrast
+    simmatch_step      --loss simmatch         Zheng et al. 2022, as USB runs it on CIFAR
+
+The batch is one forward pass over [x weak; u weak; u strong 1 (; u strong 2)] (BN statistics over
+the concatenation); `Out` holds its projections z (L2-normalised) and classifier logits. All the
+maths is in losses.py; this file only wires the views to it. The teacher of every method is the
+online model's weak view, without gradient. Nothing here reads a tensor back to the host.
+
+Each step returns the loss and a float64 vector of DIAG per-step counts, summed over an epoch by
+train.py for metrics.jsonl: how many unlabeled samples were confident (mask = 1), entropy-selected
+or unconfident, how many of the first two groups had the right pseudo-label, the summed unlabeled
+weight, and (SimMatch) how many argmax of p_hat / p_w were right.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import losses
+
+STRONG_VIEWS = {"base": 2, "entropy": 2, "fixmatch": 1, "ccssl": 2, "simmatch": 1}
+CLASSIFIER = ("fixmatch", "ccssl", "simmatch")  # methods that predict with a linear classifier
+DIAG = ("n_ulb", "confident", "entropy_selected", "unconfident", "correct_confident",
+        "correct_selected", "weight_sum", "correct_p_hat", "correct_p_w")
+
+
+@dataclass
+class Out:
+    """The forward pass of one step, split into its views (float32)."""
+    z_lb: torch.Tensor                   # (B, D) projections of the labeled weak view
+    z_w: torch.Tensor | None             # (U, D) unlabeled weak view (None when --mu 0)
+    z_s: list                            # projections of the strong views, (U, D) each
+    logits_lb: torch.Tensor | None       # (B, K) classifier logits (peers only)
+    logits_w: torch.Tensor | None
+    logits_s: list
+    y_lb: torch.Tensor                   # (B,) labels
+    pos_lb: torch.Tensor                 # (B,) positions of the labeled images in the labeled set
+    y_ulb: torch.Tensor | None           # (U,) true labels: diagnostics only, never the loss
+
+
+def split_views(z: torch.Tensor, logits: torch.Tensor | None, n_lb: int, n_ulb: int, n_strong: int,
+                y_lb, pos_lb, y_ulb) -> Out:
+    def parts(t):
+        if t is None:
+            return None, None, []
+        if not n_ulb:
+            return t, None, []
+        rest = t[n_lb:].split(n_ulb)
+        return t[:n_lb], rest[0], list(rest[1:1 + n_strong])
+    z_lb, z_w, z_s = parts(z)
+    l_lb, l_w, l_s = parts(logits)
+    return Out(z_lb, z_w, z_s, l_lb, l_w, l_s, y_lb, pos_lb, y_ulb)
+
+
+def diagnostics(o: Out, pred: torch.Tensor, confident: torch.Tensor,
+                selected: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                p_hat: torch.Tensor | None = None, p_w: torch.Tensor | None = None) -> torch.Tensor:
+    """The DIAG counts of one step as a float64 device vector (no host sync)."""
+    n = torch.full((), float(len(pred)), device=pred.device, dtype=torch.float64)
+    selected = torch.zeros_like(confident) if selected is None else selected
+    right = pred == o.y_ulb
+    weight = confident.double() if weight is None else weight
+    zero = torch.zeros((), device=pred.device, dtype=torch.float64)
+    ok_hat = zero if p_hat is None else (p_hat.argmax(1) == o.y_ulb).sum().double()
+    ok_w = zero if p_w is None else (p_w.argmax(1) == o.y_ulb).sum().double()
+    counts = [confident, selected, ~confident & ~selected, confident & right, selected & right]
+    return torch.stack([n] + [c.sum().double() for c in counts] + [weight.sum().double(), ok_hat, ok_w])
+
+
+def no_unlabeled(device) -> torch.Tensor:
+    return torch.zeros(len(DIAG), device=device, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------- [G] and [N&O] (Table 1)
+
+def contrastive_step(o: Out, model, a, entropy_on: bool, state=None, epoch: int = 0):
+    """[G] (--loss base): Eqs. (4)-(7); [N&O] (--loss entropy): Eqs. (4), (5), (8)-(14).
+
+    Rows [prototypes (labels 0..K-1); z^x (true labels); z^1; z^2 (pseudo-labels, shared)]."""
+    protos = model.prototypes
+    if o.z_w is None:  # --mu 0: prototypes and labeled rows only
+        feats, labels, weights = losses.contrastive_batch(protos, o.z_lb, o.y_lb)
+        return contrastive_loss(feats, labels, weights, a), no_unlabeled(protos.device)
+    with torch.no_grad():  # Eq. (4): targets from the online model's weak view
+        q = losses.prototype_probs(o.z_w.detach(), protos.detach(), a.pl_temp)
+        pl, pw = losses.assign_pseudo_labels(q, a.threshold, a.entropy_ratio if entropy_on else None,
+                                             a.low_weight, a.entropy_weighting, validate=False)
+    feats, labels, weights = losses.contrastive_batch(protos, o.z_lb, o.y_lb, o.z_s[0], o.z_s[1],
+                                                      pl, pw)
+    k = protos.shape[0]
+    conf, pred = q.max(1)
+    confident = conf >= a.threshold
+    return (contrastive_loss(feats, labels, weights, a),
+            diagnostics(o, pred, confident, (pl < k) & ~confident, pw))
+
+
+def contrastive_loss(feats, labels, weights, a) -> torch.Tensor:
+    if a.loss == "base":
+        return losses.anchor_weighted_supcon(feats, labels, weights, a.temp, validate=False)
+    return losses.pair_weighted_supcon(feats, labels, weights, a.temp, validate=False,
+                                       pair=a.pair_weight)
+
+
+# ---------------------------------------------------------------- peers (SPEC 9)
+
+def weak_teacher(o: Out) -> torch.Tensor:
+    """p_b = softmax(logits(alpha(u_b))) of the online model, temperature 1, no gradient."""
+    return torch.softmax(o.logits_w.detach().float(), dim=1)
+
+
+def supervised_ce(o: Out) -> torch.Tensor:
+    return F.cross_entropy(o.logits_lb.float(), o.y_lb)
+
+
+def fixmatch_step(o: Out, model, a, entropy_on: bool = False, state=None, epoch: int = 0):
+    """L = CE(logits(x), y) + lambda_u (1/muB) sum_b m_b CE(logits(A1(u_b)), yhat_b)."""
+    if o.z_w is None:
+        return supervised_ce(o), no_unlabeled(o.y_lb.device)
+    p = weak_teacher(o)
+    mask, pl = losses.fixmatch_mask(p, a.threshold)
+    l_u = losses.masked_cross_entropy(o.logits_s[0].float(), pl, mask)
+    return supervised_ce(o) + a.lambda_u * l_u, diagnostics(o, pl, mask > 0)
+
+
+def ccssl_step(o: Out, model, a, entropy_on: bool = False, state=None, epoch: int = 0):
+    """FixMatch on strong view 1, plus lambda_c times the class-aware contrastive loss over the
+    projections [z^1; z^2] of all unlabeled samples, targets weighted by c_i c_j (SPEC 9)."""
+    if o.z_w is None:
+        return supervised_ce(o), no_unlabeled(o.y_lb.device)
+    p = weak_teacher(o)
+    mask, pl = losses.fixmatch_mask(p, a.threshold)
+    conf = p.max(1).values
+    l_u = losses.masked_cross_entropy(o.logits_s[0].float(), pl, mask)
+    l_c = losses.ccssl_supcon(torch.cat(o.z_s[:2]), pl, conf, a.ccssl_temp, validate=False)
+    return (supervised_ce(o) + a.lambda_u * l_u + a.lambda_c * l_c,
+            diagnostics(o, pl, mask > 0))
+
+
+class SimMatchState:
+    """SimMatch's state that outlives a step: the labeled memory bank (one L2-normalised
+    embedding and label per labeled image) and the FIFO queue of batch-mean teacher
+    probabilities for distribution alignment. Saved in the checkpoint."""
+
+    def __init__(self, y_labeled: torch.Tensor, num_classes: int, dim: int, da_len: int,
+                 generator: torch.Generator):
+        dev = y_labeled.device
+        self.bank = F.normalize(torch.randn(len(y_labeled), dim, generator=generator, device=dev), dim=1)
+        self.labels = y_labeled.long().clone()
+        self.queue = torch.zeros(da_len, num_classes, device=dev)
+        self.filled = torch.zeros((), dtype=torch.long, device=dev)  # pushes so far (device: no sync)
+
+    @torch.no_grad()
+    def align(self, p_w: torch.Tensor) -> torch.Tensor:
+        """Distribution alignment: push the batch mean, then p_w (1/K) / mean(queue), renormalised."""
+        slot = self.filled % len(self.queue)
+        self.queue.index_copy_(0, slot.view(1), p_w.mean(0, keepdim=True))
+        self.filled += 1
+        n = self.filled.clamp(max=len(self.queue))
+        rows = torch.arange(len(self.queue), device=p_w.device) < n  # the filled slots
+        mean = (self.queue * rows[:, None]).sum(0) / n
+        return losses.distribution_alignment(p_w, mean)
+
+    @torch.no_grad()
+    def update(self, pos: torch.Tensor, z: torch.Tensor, momentum: float) -> None:
+        """bank[i] <- normalize(m bank[i] + (1 - m) z_i) for the labeled batch; an image drawn
+        several times in the batch uses the mean of its embeddings (deterministic)."""
+        total = torch.zeros_like(self.bank).index_add_(0, pos, z.float())
+        count = torch.zeros(len(self.bank), device=z.device).index_add_(
+            0, pos, torch.ones(len(pos), device=z.device))
+        hit = count > 0
+        mean = total / count.clamp(min=1)[:, None]
+        new = F.normalize(momentum * self.bank + (1 - momentum) * mean, dim=1)
+        self.bank = torch.where(hit[:, None], new, self.bank)
+
+    def state_dict(self) -> dict:
+        return {"bank": self.bank.cpu(), "labels": self.labels.cpu(), "queue": self.queue.cpu(),
+                "filled": self.filled.cpu()}
+
+    def load_state_dict(self, s: dict) -> None:
+        dev = self.bank.device
+        self.bank, self.labels = s["bank"].to(dev), s["labels"].to(dev)
+        self.queue, self.filled = s["queue"].to(dev), s["filled"].to(dev)
+
+
+def simmatch_step(o: Out, model, a, entropy_on: bool = False, state: SimMatchState = None,
+                  epoch: int = 0):
+    """Lx + lambda_u Lu + lambda_in L_in with labeled-bank label propagation (SPEC 9).
+
+    The bank is read before the step's loss and updated with the labeled batch afterwards."""
+    if o.z_w is None:
+        state.update(o.pos_lb, o.z_lb.detach(), a.bank_momentum)
+        return supervised_ce(o), no_unlabeled(o.y_lb.device)
+    bank = state.bank.clone()  # the state is updated in place below; the loss keeps this copy
+    with torch.no_grad():
+        p_w = state.align(weak_teacher(o))
+        p_hat, q_hat = losses.simmatch_targets(p_w, o.z_w.detach() @ bank.T / a.bank_temp,
+                                               state.labels, a.smoothing_alpha, validate=False)
+    if epoch == 0:  # SimMatch's warm-up: no propagation through the bank in the first epoch
+        p_hat = p_w
+    conf, pl = p_hat.max(1)
+    mask = (conf >= a.threshold).float()
+    l_u = (losses.soft_cross_entropy(o.logits_s[0].float(), p_hat) * mask).mean()
+    l_in = losses.soft_cross_entropy(o.z_s[0] @ bank.T / a.bank_temp, q_hat).mean()
+    if epoch == 0:
+        l_in = l_in * 0.0
+    state.update(o.pos_lb, o.z_lb.detach(), a.bank_momentum)
+    loss = supervised_ce(o) + a.lambda_u * l_u + a.lambda_in * l_in
+    return loss, diagnostics(o, pl, mask > 0, p_hat=p_hat, p_w=p_w)
+
+
+STEPS = {"base": contrastive_step, "entropy": contrastive_step, "fixmatch": fixmatch_step,
+         "ccssl": ccssl_step, "simmatch": simmatch_step}

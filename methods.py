@@ -177,8 +177,8 @@ class SimMatchState:
         self.bank = torch.where(hit[:, None], new, self.bank)
 
     def state_dict(self) -> dict:
-        return {"bank": self.bank.cpu(), "labels": self.labels.cpu(), "queue": self.queue.cpu(),
-                "filled": self.filled.cpu()}
+        # copies: .cpu() of a CPU tensor is the tensor itself, and align() updates in place
+        return {k: getattr(self, k).detach().cpu().clone() for k in ("bank", "labels", "queue", "filled")}
 
     def load_state_dict(self, s: dict) -> None:
         dev = self.bank.device

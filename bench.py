@@ -5,8 +5,9 @@
 
 (1) strong augmentation, images/s: data.py's batched path vs per-sample PIL RandAugment through
     torchvision (flip, reflect-crop, RandAugment(3 ops), Cutout), same device and threads;
-(2) training step at the paper's batch (64 + 3 x 448 images, synthetic data, K = 10 and 100):
-    steps/s, images/s, the time spent making the batch, peak memory, hours for 262,144 steps;
+(2) training step at the paper's batch (64 + 3 x 448 images; 64 + 2 x 448 for FixMatch and
+    SimMatch; synthetic data, K = 10 and 100) for every method of --methods: steps/s, images/s,
+    the time spent making the batch, peak memory, hours for 262,144 steps;
 (3) loss forward + backward for N = K + 64 + 2 x 448 rows, D = 128, vs a plain SupCon.
 """
 import argparse
@@ -113,7 +114,9 @@ def bench_loss(dev: torch.device, k: int, repeat: int) -> dict:
     return out
 
 
-def bench_train(dev: torch.device, k: int, steps: int, arch: str, compile_: bool, tmp: str) -> dict:
+def bench_train(dev: torch.device, k: int, steps: int, arch: str, compile_: bool, tmp: str,
+                method: str = "entropy") -> dict:
+    import methods
     import train
     path = os.path.join(tmp, f"synthetic{k}.npz")
     n = 4096
@@ -121,8 +124,10 @@ def bench_train(dev: torch.device, k: int, steps: int, arch: str, compile_: bool
     np.savez(path, x_train=synthetic_images(n), y_train=rng.integers(0, k, n),
              x_test=synthetic_images(256, seed=1), y_test=rng.integers(0, k, 256))
     args = train.get_args(["--dataset", f"npz:{path}", "--labels-per-class", "4", "--arch", arch,
-                           "--device", str(dev), "--out", os.path.join(tmp, f"run{k}"),
-                           "--entropy-ratio", "0.2"] + (["--compile"] if compile_ else []))
+                           "--device", str(dev), "--out", os.path.join(tmp, f"run{k}_{method}"),
+                           "--loss", method]
+                          + (["--entropy-ratio", "0.2"] if method == "entropy" else [])
+                          + (["--compile"] if compile_ else []))
     run = train.Run(args)
     warmup = 3 if compile_ else 1
     if dev.type == "cuda":
@@ -130,10 +135,11 @@ def bench_train(dev: torch.device, k: int, steps: int, arch: str, compile_: bool
         torch.cuda.reset_peak_memory_stats(dev)
     t_step = timeit(run.train_step, dev, steps, warmup)
     t_batch = timeit(run.batch, dev, steps, 1)
-    images = args.batch_size * (1 + 3 * args.mu)
+    images = args.batch_size * (1 + (1 + methods.STRONG_VIEWS[method]) * args.mu)
     peak = (torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-    return {"k": k, "arch": arch, "compile": compile_, "amp": str(run.amp_dtype),
+    return {"method": method, "k": k, "arch": arch, "compile": compile_, "amp": str(run.amp_dtype),
+            "images": images,
             "step_ms": 1e3 * t_step, "steps_s": 1 / t_step, "images_s": images / t_step,
             "batch_ms": 1e3 * t_batch, "data_share": t_batch / t_step,
             "peak_mem_gib": peak, "hours_262144_steps": PAPER_STEPS * t_step / 3600}
@@ -149,6 +155,8 @@ def main() -> None:
     p.add_argument("--arch", default="wrn-28-2")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in (2)")
     p.add_argument("--skip-train", action="store_true", help="skip (2), the slow part on CPU")
+    p.add_argument("--methods", default="base entropy fixmatch ccssl simmatch",
+                   help="--loss values timed in (2), space-separated")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
     args = p.parse_args()
     dev = torch.device(args.device)
@@ -178,12 +186,13 @@ def main() -> None:
 
     if not args.skip_train:
         res["train"] = []
-        print(f"\n(2) training step, 64 + 3 x 448 images, {args.arch}, {name}")
+        print(f"\n(2) training step at the paper's batch, {args.arch}, {name}")
         with tempfile.TemporaryDirectory() as tmp:
-            for k in (10, 100):
-                r = bench_train(dev, k, steps, args.arch, args.compile, tmp)
+            for method, k in [(m, k) for m in args.methods.split() for k in (10, 100)]:
+                r = bench_train(dev, k, steps, args.arch, args.compile, tmp, method)
                 res["train"].append(r)
-                print(f"    K={k:3d}: {r['steps_s']:.2f} steps/s, {r['images_s']:.0f} img/s, "
+                print(f"    {method:>8s} K={k:3d} ({r['images']} img): {r['steps_s']:.2f} steps/s, "
+                      f"{r['images_s']:.0f} img/s, "
                       f"step {r['step_ms']:.0f} ms of which batch (data) {r['batch_ms']:.0f} ms "
                       f"({100 * r['data_share']:.0f} %), peak mem {r['peak_mem_gib']:.2f} GiB, "
                       f"262,144 steps = {r['hours_262144_steps']:.1f} h")

@@ -291,3 +291,52 @@ def test_resuming_with_another_method_is_refused(tiny_npz, tmp_path, capsys):
         train.main(PEER_ARGS(tiny_npz, out, "simmatch"))
     assert "loss: checkpoint 'fixmatch', now 'simmatch'" in str(e.value)
     assert (out / "last.pt").read_bytes() == before
+
+
+# ---------------------------------------------------------------- no host sync in the step
+
+class HostSync(Exception):
+    pass
+
+
+def forbid_host_sync(monkeypatch):
+    """Make every Tensor -> Python read-back (and boolean-mask indexing, whose output size needs
+    one) raise: what would be a device->host sync on a GPU."""
+    def boom(name):
+        def f(*a, **k):
+            raise HostSync(name)
+        return f
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, boom(name))
+    getitem = torch.Tensor.__getitem__
+
+    def checked(self, idx):
+        for i in idx if isinstance(idx, tuple) else (idx,):
+            if isinstance(i, torch.Tensor) and i.dtype == torch.bool:
+                raise HostSync("boolean mask indexing")
+        return getitem(self, idx)
+    monkeypatch.setattr(torch.Tensor, "__getitem__", checked)
+
+
+@pytest.mark.parametrize("loss", list(methods.STEPS))
+def test_method_steps_read_nothing_back_to_the_host(tiny_npz, tmp_path, monkeypatch, loss):
+    args = (tiny_args(tiny_npz, tmp_path / "r", "--loss", loss) if loss == "entropy"
+            else PEER_ARGS(tiny_npz, tmp_path / "r", loss))
+    run = train.Run(train.get_args(args))
+    real = run.step_fn
+    calls = []
+
+    def guarded(*a, **k):
+        with pytest.MonkeyPatch.context() as mp:
+            forbid_host_sync(mp)
+            calls.append(1)
+            return real(*a, **k)
+    run.step_fn = guarded
+    for _ in range(4):  # SimMatch: epoch 0 and 1 (3 steps per epoch) take different branches
+        run.train_step()
+    assert len(calls) == 4
+    # the guard itself works
+    with pytest.MonkeyPatch.context() as mp:
+        forbid_host_sync(mp)
+        with pytest.raises(HostSync):
+            torch.ones(2)[torch.tensor([True, False])]

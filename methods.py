@@ -10,10 +10,12 @@ the concatenation); `Out` holds its projections z (L2-normalised) and classifier
 maths is in losses.py; this file only wires the views to it. The teacher of every method is the
 online model's weak view, without gradient. Nothing here reads a tensor back to the host.
 
-Each step returns the loss and a float64 vector of DIAG per-step counts, summed over an epoch by
-train.py for metrics.jsonl: how many unlabeled samples were confident (mask = 1), entropy-selected
-or unconfident, how many of the first two groups had the right pseudo-label, the summed unlabeled
-weight, and (SimMatch) how many argmax of p_hat / p_w were right.
+Each step returns the loss, a float64 vector of DIAG per-step counts and a (2, K, K) pseudo-label
+confusion, summed over an evaluation interval by train.py for metrics.jsonl: how many unlabeled
+samples were confident (mask = 1), entropy-selected or unconfident, how many of the first two
+groups had the right pseudo-label, the summed unlabeled weight, (SimMatch) how many argmax of
+p_hat / p_w were right; and, per group (confident, entropy-selected), the counts of
+(true class, assigned class) pairs, from which the per-class statistics follow.
 """
 from dataclasses import dataclass
 
@@ -56,10 +58,12 @@ def split_views(z: torch.Tensor, logits: torch.Tensor | None, n_lb: int, n_ulb: 
     return Out(z_lb, z_w, z_s, l_lb, l_w, l_s, y_lb, pos_lb, y_ulb)
 
 
-def diagnostics(o: Out, pred: torch.Tensor, confident: torch.Tensor,
+def diagnostics(o: Out, k: int, pred: torch.Tensor, confident: torch.Tensor,
                 selected: torch.Tensor | None = None, weight: torch.Tensor | None = None,
-                p_hat: torch.Tensor | None = None, p_w: torch.Tensor | None = None) -> torch.Tensor:
-    """The DIAG counts of one step as a float64 device vector (no host sync)."""
+                p_hat: torch.Tensor | None = None, p_w: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DIAG counts of one step as a float64 device vector, and the (2, K, K) confusion of
+    (true, assigned) class of the confident and the entropy-selected samples (no host sync)."""
     n = torch.full((), float(len(pred)), device=pred.device, dtype=torch.float64)
     selected = torch.zeros_like(confident) if selected is None else selected
     right = pred == o.y_ulb
@@ -68,11 +72,23 @@ def diagnostics(o: Out, pred: torch.Tensor, confident: torch.Tensor,
     ok_hat = zero if p_hat is None else (p_hat.argmax(1) == o.y_ulb).sum().double()
     ok_w = zero if p_w is None else (p_w.argmax(1) == o.y_ulb).sum().double()
     counts = [confident, selected, ~confident & ~selected, confident & right, selected & right]
-    return torch.stack([n] + [c.sum().double() for c in counts] + [weight.sum().double(), ok_hat, ok_w])
+    counts = torch.stack([n] + [c.sum().double() for c in counts]
+                         + [weight.sum().double(), ok_hat, ok_w])
+    return counts, pl_confusion(o.y_ulb, pred, selected.long(), confident | selected, k)
 
 
-def no_unlabeled(device) -> torch.Tensor:
-    return torch.zeros(len(DIAG), device=device, dtype=torch.float64)
+def pl_confusion(y_true: torch.Tensor, pred: torch.Tensor, group: torch.Tensor,
+                 keep: torch.Tensor, k: int) -> torch.Tensor:
+    """(2, K, K) float64 counts of (group, true class, assigned class) over the kept samples,
+    by one index_add (bincount would read its size back to the host on a GPU)."""
+    flat = (group * k + y_true) * k + pred
+    out = torch.zeros(2 * k * k, device=pred.device, dtype=torch.float64)
+    return out.index_add_(0, flat, keep.double()).view(2, k, k)
+
+
+def no_unlabeled(device, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.zeros(len(DIAG), device=device, dtype=torch.float64),
+            torch.zeros(2, k, k, device=device, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------- [G] and [N&O] (Table 1)
@@ -84,7 +100,8 @@ def contrastive_step(o: Out, model, a, entropy_on: bool, state=None, epoch: int 
     protos = model.prototypes
     if o.z_w is None:  # --mu 0: prototypes and labeled rows only
         feats, labels, weights = losses.contrastive_batch(protos, o.z_lb, o.y_lb)
-        return contrastive_loss(feats, labels, weights, a), no_unlabeled(protos.device)
+        loss = contrastive_loss(feats, labels, weights, a)
+        return loss, *no_unlabeled(protos.device, len(protos))
     with torch.no_grad():  # Eq. (4): targets from the online model's weak view
         q = losses.prototype_probs(o.z_w.detach(), protos.detach(), a.pl_temp)
         pl, pw = losses.assign_pseudo_labels(q, a.threshold, a.entropy_ratio if entropy_on else None,
@@ -95,7 +112,7 @@ def contrastive_step(o: Out, model, a, entropy_on: bool, state=None, epoch: int 
     conf, pred = q.max(1)
     confident = conf >= a.threshold
     return (contrastive_loss(feats, labels, weights, a),
-            diagnostics(o, pred, confident, (pl < k) & ~confident, pw))
+            *diagnostics(o, k, pred, confident, (pl < k) & ~confident, pw))
 
 
 def contrastive_loss(feats, labels, weights, a) -> torch.Tensor:
@@ -119,25 +136,25 @@ def supervised_ce(o: Out) -> torch.Tensor:
 def fixmatch_step(o: Out, model, a, entropy_on: bool = False, state=None, epoch: int = 0):
     """L = CE(logits(x), y) + lambda_u (1/muB) sum_b m_b CE(logits(A1(u_b)), yhat_b)."""
     if o.z_w is None:
-        return supervised_ce(o), no_unlabeled(o.y_lb.device)
+        return supervised_ce(o), *no_unlabeled(o.y_lb.device, o.logits_lb.shape[1])
     p = weak_teacher(o)
     mask, pl = losses.fixmatch_mask(p, a.threshold)
     l_u = losses.masked_cross_entropy(o.logits_s[0].float(), pl, mask)
-    return supervised_ce(o) + a.lambda_u * l_u, diagnostics(o, pl, mask > 0)
+    return supervised_ce(o) + a.lambda_u * l_u, *diagnostics(o, p.shape[1], pl, mask > 0)
 
 
 def ccssl_step(o: Out, model, a, entropy_on: bool = False, state=None, epoch: int = 0):
     """FixMatch on strong view 1, plus lambda_c times the class-aware contrastive loss over the
     projections [z^1; z^2] of all unlabeled samples, targets weighted by c_i c_j (SPEC 9)."""
     if o.z_w is None:
-        return supervised_ce(o), no_unlabeled(o.y_lb.device)
+        return supervised_ce(o), *no_unlabeled(o.y_lb.device, o.logits_lb.shape[1])
     p = weak_teacher(o)
     mask, pl = losses.fixmatch_mask(p, a.threshold)
     conf = p.max(1).values
     l_u = losses.masked_cross_entropy(o.logits_s[0].float(), pl, mask)
     l_c = losses.ccssl_supcon(torch.cat(o.z_s[:2]), pl, conf, a.ccssl_temp, validate=False)
     return (supervised_ce(o) + a.lambda_u * l_u + a.lambda_c * l_c,
-            diagnostics(o, pl, mask > 0))
+            *diagnostics(o, p.shape[1], pl, mask > 0))
 
 
 class SimMatchState:
@@ -193,7 +210,7 @@ def simmatch_step(o: Out, model, a, entropy_on: bool = False, state: SimMatchSta
     The bank is read before the step's loss and updated with the labeled batch afterwards."""
     if o.z_w is None:
         state.update(o.pos_lb, o.z_lb.detach(), a.bank_momentum)
-        return supervised_ce(o), no_unlabeled(o.y_lb.device)
+        return supervised_ce(o), *no_unlabeled(o.y_lb.device, o.logits_lb.shape[1])
     bank = state.bank.clone()  # the state is updated in place below; the loss keeps this copy
     with torch.no_grad():
         p_w = state.align(weak_teacher(o))
@@ -209,7 +226,7 @@ def simmatch_step(o: Out, model, a, entropy_on: bool = False, state: SimMatchSta
         l_in = l_in * 0.0
     state.update(o.pos_lb, o.z_lb.detach(), a.bank_momentum)
     loss = supervised_ce(o) + a.lambda_u * l_u + a.lambda_in * l_in
-    return loss, diagnostics(o, pl, mask > 0, p_hat=p_hat, p_w=p_w)
+    return loss, *diagnostics(o, p_hat.shape[1], pl, mask > 0, p_hat=p_hat, p_w=p_w)
 
 
 STEPS = {"base": contrastive_step, "entropy": contrastive_step, "fixmatch": fixmatch_step,

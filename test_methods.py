@@ -130,7 +130,7 @@ def fixmatch64(o, a):
 
 def test_fixmatch_step_is_the_textbook_loss():
     o, a = make_out(n_strong=1), Args()
-    loss, diag = methods.fixmatch_step(o, None, a)
+    loss, diag, _ = methods.fixmatch_step(o, None, a)
     ref, pl, _, mask = fixmatch64(o, a)
     assert 0 < mask.sum() < U  # both masked and unmasked samples
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
@@ -142,7 +142,7 @@ def test_fixmatch_step_is_the_textbook_loss():
 def test_ccssl_step_adds_the_class_aware_term_on_both_strong_views():
     o, a = make_out(n_strong=2), Args()
     a.lambda_c = 0.5
-    loss, _ = methods.ccssl_step(o, None, a)
+    loss, _, _ = methods.ccssl_step(o, None, a)
     ref, pl, conf, _ = fixmatch64(o, a)
     l_c = losses.ccssl_supcon(torch.cat(o.z_s), pl, conf.float(), a.ccssl_temp)
     torch.testing.assert_close(loss.double(), ref + 0.5 * l_c.double(), rtol=1e-5, atol=1e-6)
@@ -194,7 +194,7 @@ def test_simmatch_step_bank_and_queue_against_loops(epoch):
         o.pos_lb = torch.tensor([0, 1, 1, 2, 3, 3])
         ref, bank_ref, queue, mask = simmatch64(o, a, state.bank.clone(), y_bank.tolist(), queue,
                                                 epoch)
-        loss, diag = methods.simmatch_step(o, None, a, state=state, epoch=epoch)
+        loss, diag, _ = methods.simmatch_step(o, None, a, state=state, epoch=epoch)
         torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(state.bank.double(), bank_ref, rtol=1e-5, atol=1e-6)
         assert dict(zip(methods.DIAG, diag.tolist()))["confident"] == mask.sum()

@@ -9,6 +9,7 @@ Re-running the same command with the same --out resumes from the last checkpoint
 """
 import argparse
 import copy
+import importlib
 import json
 import math
 import os
@@ -118,6 +119,8 @@ def get_args(argv=None) -> argparse.Namespace:
     a("--out", default=None, help="output dir; default runs/DATASET_LABELS_LOSS_sSEED")
     a("--eval-every", type=int, default=1, help="evaluate, log metrics and checkpoint every N epochs")
     a("--log-every", type=int, default=100, help="progress line every N steps")
+    a("--tensorboard", action="store_true",
+      help="also write TensorBoard scalars to OUT/tb (needs: pip install tensorboard)")
     a("--save-every", type=int, default=0, help="also checkpoint every N steps (0: per eval only)")
     a("--skip-nonfinite", type=int, default=0,
       help="skip up to N steps whose loss is not finite (costs a host sync per step); "
@@ -189,6 +192,11 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"--entropy-epochs must be in [0, --epochs={args.epochs}], got {args.entropy_epochs}")
     elif args.entropy_ratio is not None or args.entropy_epochs is not None:
         p.error("--entropy-ratio and --entropy-epochs apply to --loss entropy only")
+    if args.tensorboard:
+        try:
+            importlib.import_module("torch.utils.tensorboard")  # optional extra, only for this flag
+        except ImportError:
+            p.error("--tensorboard needs the tensorboard package: pip install tensorboard")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -304,6 +312,7 @@ class Run:
         self.history: list[float] = []  # test accuracy of each evaluation
         self.elapsed = 0.0  # training seconds over all sessions
         self.stats = self.new_stats()
+        self.pl_confusion = self.new_confusion()
         self.nonfinite = torch.zeros(2, device=dev)  # [count, first bad step + 1]
         self.bad_loss = torch.zeros((), device=dev)
         self.skipped = 0
@@ -311,6 +320,10 @@ class Run:
     def new_stats(self) -> torch.Tensor:
         # loss sum, steps, then the method's diagnostic counts (methods.DIAG)
         return torch.zeros(2 + len(methods.DIAG), device=self.dev, dtype=torch.float64)
+
+    def new_confusion(self) -> torch.Tensor:
+        # (confident, entropy-selected) x true class x assigned class, over an evaluation interval
+        return torch.zeros(2, self.k, self.k, device=self.dev, dtype=torch.float64)
 
     # ---------------------------------------------------------------- the training step
 
@@ -339,8 +352,8 @@ class Run:
         out = methods.split_views(z.float(), None if logits is None else logits.float(), len(y_lb),
                                   n_ulb, self.n_strong, y_lb, pos_lb, y_ulb)
         entropy_on = a.loss == "entropy" and self.step < a.entropy_epochs * a.steps_per_epoch
-        loss, diag = self.step_fn(out, self.model, a, entropy_on, self.method_state,
-                                  self.step // a.steps_per_epoch)
+        loss, diag, confusion = self.step_fn(out, self.model, a, entropy_on, self.method_state,
+                                             self.step // a.steps_per_epoch)
         if self.step == a.debug_nan_step:
             loss = loss * float("nan")
 
@@ -370,6 +383,7 @@ class Run:
 
         one = torch.ones((), device=self.dev, dtype=torch.float64)
         self.stats += torch.cat([torch.stack([loss.detach().double(), one]), diag])
+        self.pl_confusion += confusion
         self.step += 1
 
     def check_finite(self) -> None:
@@ -397,7 +411,8 @@ class Run:
             "labeled_idx": torch.from_numpy(self.labeled_idx),
             "mean": self.mean, "std": self.std, "classes": list(self.classes),
             "history": list(self.history), "elapsed": self.elapsed,
-            "stats": self.stats.cpu(), "skipped": self.skipped,
+            "stats": self.stats.cpu(), "pl_confusion": self.pl_confusion.cpu(),
+            "skipped": self.skipped,
             "method_state": self.method_state.state_dict() if self.method_state else {},
         }
 
@@ -423,6 +438,7 @@ class Run:
             self.sampler_ulb.load_state_dict(s["sampler_ulb"])
         self.step, self.history, self.elapsed = s["step"], list(s["history"]), s["elapsed"]
         self.stats = s["stats"].to(self.dev)
+        self.pl_confusion = s["pl_confusion"].to(self.dev)
         self.skipped = s["skipped"]
         if self.method_state:
             self.method_state.load_state_dict(s["method_state"])
@@ -469,6 +485,35 @@ def truncate_metrics(path: str, step: int) -> None:
         fh.writelines(keep)
 
 
+def per_class_pl(confusion: torch.Tensor) -> dict:
+    """Per assigned class: how many unlabeled samples got it as their pseudo-label (confident /
+    entropy-selected) over the interval, and how many of those were right."""
+    c = confusion.round().long().cpu()
+    return {"assigned_confident": c[0].sum(0).tolist(), "correct_confident": c[0].diagonal().tolist(),
+            "assigned_selected": c[1].sum(0).tolist(), "correct_selected": c[1].diagonal().tolist()}
+
+
+def write_confusion(out: str, confusion: torch.Tensor) -> None:
+    """OUT/pl_confusion.npy: (2, K, K) int64 counts (confident, entropy-selected) x true class x
+    assigned class of the last evaluation interval; written atomically."""
+    tmp = os.path.join(out, "pl_confusion.tmp.npy")
+    np.save(tmp, confusion.round().long().cpu().numpy())
+    os.replace(tmp, os.path.join(out, "pl_confusion.npy"))
+
+
+def open_tensorboard(out: str, step: int):
+    """A SummaryWriter in OUT/tb; on resume, points logged after the checkpoint's step are purged
+    (they are logged again), so no step appears twice."""
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(os.path.join(out, "tb"), purge_step=step + 1 if step > 0 else None)
+
+
+def tb_scalars(tb, prefix: str, values: dict, step: int) -> None:
+    for k, v in values.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch"):
+            tb.add_scalar(f"{prefix}/{k}", v, step)
+
+
 def epoch_metrics(run: Run, acc: float) -> dict:
     loss_sum, steps, n_ulb, conf, sel, unconf, conf_ok, sel_ok, w_sum, hat_ok, pw_ok = \
         run.stats.tolist()
@@ -482,7 +527,7 @@ def epoch_metrics(run: Run, acc: float) -> dict:
             "mean_weight": w_sum / n_ulb if n_ulb else None,
             "pl_acc_p_hat": hat_ok / n_ulb if simmatch else None,  # SimMatch: argmax p_hat right
             "pl_acc_p_w": pw_ok / n_ulb if simmatch else None,  # and argmax of aligned p_w
-            "elapsed_s": round(run.elapsed, 1)}
+            "elapsed_s": round(run.elapsed, 1), "pl_per_class": per_class_pl(run.pl_confusion)}
 
 
 def versions() -> dict:
@@ -537,11 +582,14 @@ def main(argv=None) -> dict:
             f"amp {run.amp_dtype} | "
             f"{run.total} steps x {ipb} images -> {args.out}", flush=True)
 
+    tb = open_tensorboard(args.out, run.step) if args.tensorboard else None
     try:
-        train_loop(run, metrics_path, ipb)
+        train_loop(run, metrics_path, ipb, tb)
     except KeyboardInterrupt:
         fail(f"interrupted at step {run.step}; run the same command again to resume from the "
              f"last checkpoint in {args.out}")
+    if tb is not None:
+        tb.close()
     res = write_result(run)
     print(f"done: final {100 * res['final_acc']:.2f} %, median of last 20 "
           f"{100 * res['median_last20_acc']:.2f} %, best {100 * res['best_acc']:.2f} % "
@@ -549,7 +597,7 @@ def main(argv=None) -> dict:
     return res
 
 
-def train_loop(run: Run, metrics_path: str, ipb: int) -> None:
+def train_loop(run: Run, metrics_path: str, ipb: int, tb=None) -> None:
     """Steps until the end; progress lines, evaluations, metrics and checkpoints on schedule."""
     args = run.args
     t_session, elapsed0 = time.perf_counter(), run.elapsed
@@ -568,6 +616,9 @@ def train_loop(run: Run, metrics_path: str, ipb: int) -> None:
                   f"lr {lr_at(run.step - 1, run.total, args.lr):.4f} conf {s[3] / n_ulb:.3f} "
                   f"sel {s[4] / n_ulb:.3f} unconf {s[5] / n_ulb:.3f} | {rate * ipb:.0f} img/s "
                   f"ETA {(run.total - run.step) / max(rate, 1e-9) / 60:.1f} min", flush=True)
+            if tb is not None:
+                tb_scalars(tb, "train", {"loss": s[0] / max(s[1], 1), "img_s": rate * ipb,
+                                         "lr": lr_at(run.step - 1, run.total, args.lr)}, run.step)
             t_log, step_log = now, run.step
         if run.step % steps_per_eval == 0 or run.step == run.total:
             run.check_finite()
@@ -581,10 +632,21 @@ def train_loop(run: Run, metrics_path: str, ipb: int) -> None:
                   f"accuracy: confident {pct(m['pl_acc_confident'])}, entropy-selected "
                   f"{pct(m['pl_acc_selected'])} | mean unlabeled weight "
                   f"{'-' if m['mean_weight'] is None else format(m['mean_weight'], '.3f')}", flush=True)
-            run.stats = run.new_stats()
-            run.save()
+            write_confusion(args.out, run.pl_confusion)
+            if tb is not None:
+                tb_scalars(tb, "eval", m, run.step)
+            run.stats, run.pl_confusion = run.new_stats(), run.new_confusion()
+            save(run, tb)
         elif args.save_every and run.step % args.save_every == 0:
-            run.save()
+            save(run, tb)
+
+
+def save(run: Run, tb) -> None:
+    """Checkpoint; TensorBoard's points up to this step are flushed first, so that a resume from
+    this checkpoint neither loses nor repeats any."""
+    if tb is not None:
+        tb.flush()
+    run.save()
 
 
 if __name__ == "__main__":

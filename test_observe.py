@@ -1,0 +1,116 @@
+"""What a run shows while it trains: per-class pseudo-label counters and the pseudo-label
+confusion (against loops), and TensorBoard scalars (tags, steps, no duplicates after a resume)."""
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+import methods
+import train
+from conftest import tiny_args
+from test_methods import make_out, K, U, Args, ProtoModel
+from test_reliability import run_cli
+
+
+def test_pl_confusion_matches_a_loop():
+    g = torch.Generator().manual_seed(0)
+    k, n = 7, 200
+    y, pred = torch.randint(0, k, (n,), generator=g), torch.randint(0, k, (n,), generator=g)
+    conf = torch.rand(n, generator=g) < 0.4
+    sel = ~conf & (torch.rand(n, generator=g) < 0.5)
+    got = methods.pl_confusion(y, pred, sel.long(), conf | sel, k)
+    ref = np.zeros((2, k, k))
+    for i in range(n):
+        if conf[i]:
+            ref[0, y[i], pred[i]] += 1
+        elif sel[i]:
+            ref[1, y[i], pred[i]] += 1
+    assert np.array_equal(got.numpy(), ref)
+
+
+@pytest.mark.parametrize("step", ["contrastive", "fixmatch"])
+def test_per_class_counters_sum_to_the_global_counters(step):
+    torch.manual_seed(3)
+    o = make_out(n_strong=2)
+    a = Args()
+    if step == "contrastive":
+        model = ProtoModel(torch.cat([o.z_w[:3] * 5, torch.randn(K - 3, o.z_w.shape[1])]))
+        _, diag, conf = methods.contrastive_step(o, model, a, entropy_on=True)
+    else:
+        _, diag, conf = methods.fixmatch_step(o, None, a)
+    d = dict(zip(methods.DIAG, diag.tolist()))
+    pc = train.per_class_pl(conf)
+    assert sum(pc["assigned_confident"]) == d["confident"] > 0
+    assert sum(pc["assigned_selected"]) == d["entropy_selected"]
+    assert sum(pc["correct_confident"]) == d["correct_confident"]
+    assert sum(pc["correct_selected"]) == d["correct_selected"]
+    assert conf.sum() <= U
+
+
+def test_run_writes_per_class_statistics_and_the_confusion(tiny_npz, tmp_path):
+    out = tmp_path / "r"
+    train.main(tiny_args(tiny_npz, out))
+    m = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    cm = np.load(out / "pl_confusion.npy")
+    assert cm.shape == (2, 3, 3) and cm.dtype == np.int64
+    last = m[-1]["pl_per_class"]
+    assert last["assigned_confident"] == cm[0].sum(0).tolist()
+    assert last["correct_selected"] == np.diagonal(cm[1]).tolist()
+    n_ulb = 3 * 2 * 4  # steps per epoch x mu x B
+    assert cm[0].sum() == round(m[-1]["confident"] * n_ulb)
+    assert cm[1].sum() == round(m[-1]["entropy_selected"] * n_ulb)
+
+
+# ---------------------------------------------------------------- TensorBoard
+
+def read_events(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_scalars(tiny_npz, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "r"
+    train.main(tiny_args(tiny_npz, out, "--tensorboard"))
+    ev = read_events(out / "tb")
+    for tag in ("eval/test_acc", "eval/confident", "eval/entropy_selected", "eval/mean_weight",
+                "eval/loss"):
+        assert ev[tag] == [3, 6], tag
+    assert set(ev["eval/pl_acc_confident"]) <= {3, 6}  # no point where no sample was confident
+    assert ev["train/loss"] == ev["train/lr"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_tensorboard_without_the_flag_writes_nothing(tiny_npz, tmp_path):
+    train.main(tiny_args(tiny_npz, tmp_path / "r"))
+    assert not (tmp_path / "r" / "tb").exists()
+
+
+def test_tensorboard_after_kill_and_resume_has_no_step_twice(tiny_npz, tmp_path):
+    pytest.importorskip("tensorboard")
+    extra = ["--epochs", "3", "--steps-per-epoch", "4", "--save-every", "1", "--tensorboard"]
+    out = tmp_path / "r"
+    rc, log = run_cli(tiny_args(tiny_npz, out, *extra), kill_after_step=7)
+    assert rc == -signal.SIGKILL, log
+    rc, log = run_cli(tiny_args(tiny_npz, out, *extra))
+    assert rc == 0 and "resumed from" in log, log
+    ev = read_events(out / "tb")
+    assert ev["train/loss"] == list(range(1, 13))
+    assert ev["eval/test_acc"] == [4, 8, 12]
+
+
+def test_tensorboard_missing_is_one_line(tiny_npz, tmp_path, monkeypatch, capsys):
+    real = train.importlib.import_module
+
+    def no_tb(name, *a):
+        if "tensorboard" in name:
+            raise ImportError(name)
+        return real(name, *a)
+    monkeypatch.setattr(train.importlib, "import_module", no_tb)
+    with pytest.raises(SystemExit):
+        train.get_args(tiny_args(tiny_npz, tmp_path / "r", "--tensorboard"))
+    assert "pip install tensorboard" in capsys.readouterr().err

@@ -173,7 +173,7 @@ def anchor_weighted_supcon(features: torch.Tensor, labels: torch.Tensor, weights
 
 
 def pair_weighted_supcon(features: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                         temperature: float = 0.1, validate: bool = True) -> torch.Tensor:
+                         temperature: float = 0.1, validate: bool = True, pair="geometric") -> torch.Tensor:
     """Eq. (8), the proposed loss of [N&O]: pair weight sqrt(w_i w_p) for anchor i, positive p,
 
         L_ent = sum_{i in I'} (1/|P(i)|) sum_p sqrt(w_i w_p) (-l_ip) / sum_{i in I'} wbar_i,
@@ -217,3 +217,38 @@ def contrastive_batch(prototypes: torch.Tensor, z_lb: torch.Tensor, y_lb: torch.
         weights += [pseudo_weights.float(), pseudo_weights.float()]
     dtype = torch.promote_types(prototypes.dtype, z_lb.dtype)
     return (torch.cat([f.to(dtype) for f in feats]), torch.cat(labels), torch.cat(weights))
+
+
+# TEMP SHIM (not committed)
+def fixmatch_mask(probs, threshold=0.95):
+    conf, pl = probs.max(1)
+    return (conf >= threshold).float(), pl
+
+def masked_cross_entropy(logits, labels, mask):
+    return (F.cross_entropy(logits.float(), labels, reduction="none") * mask).mean()
+
+def soft_cross_entropy(logits, targets):
+    return -(targets * torch.log_softmax(logits.float(), 1)).sum(1)
+
+def distribution_alignment(p, mean):
+    q = p * (1.0 / p.shape[1]) / mean
+    return q / q.sum(1, keepdim=True)
+
+def ccssl_supcon(features, labels, confidence, temperature=0.07, validate=True):
+    z = F.normalize(features.float(), dim=1)
+    u = len(labels)
+    lab = torch.cat([labels, labels]); c = torch.cat([confidence, confidence]).float()
+    logits = z @ z.T / temperature
+    logits.fill_diagonal_(-1e9)
+    logp = logits - torch.logsumexp(logits, 1, keepdim=True)
+    pos = (lab[:, None] == lab[None]).float(); pos.fill_diagonal_(0)
+    W = c[:, None] * c[None]
+    idx = torch.arange(2 * u); W[idx, (idx + u) % (2 * u)] = 1
+    return (-(pos * W * logp).sum(1) / (pos * W).sum(1)).mean()
+
+def simmatch_targets(probs_w, bank_logits, bank_labels, alpha=0.9, validate=True):
+    q = torch.softmax(bank_logits.float(), 1)
+    qh = q * probs_w[:, bank_labels]
+    qh = qh / qh.sum(1, keepdim=True)
+    agg = torch.zeros_like(probs_w).index_add_(1, bank_labels, q)
+    return alpha * probs_w + (1 - alpha) * agg, qh

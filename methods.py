@@ -10,12 +10,12 @@ the concatenation); `Out` holds its projections z (L2-normalised) and classifier
 maths is in losses.py; this file only wires the views to it. The teacher of every method is the
 online model's weak view, without gradient. Nothing here reads a tensor back to the host.
 
-Each step returns the loss, a float64 vector of DIAG per-step counts and a (2, K, K) pseudo-label
+Each step returns the loss, a float64 vector of DIAG per-step counts and a (3, K, K) pseudo-label
 confusion, summed over an evaluation interval by train.py for metrics.jsonl: how many unlabeled
 samples were confident (mask = 1), entropy-selected or unconfident, how many of the first two
 groups had the right pseudo-label, the summed unlabeled weight, (SimMatch) how many argmax of
-p_hat / p_w were right; and, per group (confident, entropy-selected), the counts of
-(true class, assigned class) pairs, from which the per-class statistics follow.
+p_hat / p_w were right; and, per group (confident, entropy-selected, unconfident), the counts of
+(true class, argmax class) pairs, from which the per-class statistics follow.
 """
 from dataclasses import dataclass
 
@@ -62,8 +62,9 @@ def diagnostics(o: Out, k: int, pred: torch.Tensor, confident: torch.Tensor,
                 selected: torch.Tensor | None = None, weight: torch.Tensor | None = None,
                 p_hat: torch.Tensor | None = None, p_w: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The DIAG counts of one step as a float64 device vector, and the (2, K, K) confusion of
-    (true, assigned) class of the confident and the entropy-selected samples (no host sync)."""
+    """The DIAG counts of one step as a float64 device vector, and the (3, K, K) confusion of
+    (true, argmax) class of the confident, entropy-selected and unconfident samples (no host
+    sync). `pred` is the argmax class, which is the pseudo-label of the first two groups."""
     n = torch.full((), float(len(pred)), device=pred.device, dtype=torch.float64)
     selected = torch.zeros_like(confident) if selected is None else selected
     right = pred == o.y_ulb
@@ -74,21 +75,22 @@ def diagnostics(o: Out, k: int, pred: torch.Tensor, confident: torch.Tensor,
     counts = [confident, selected, ~confident & ~selected, confident & right, selected & right]
     counts = torch.stack([n] + [c.sum().double() for c in counts]
                          + [weight.sum().double(), ok_hat, ok_w])
-    return counts, pl_confusion(o.y_ulb, pred, selected.long(), confident | selected, k)
+    group = torch.where(confident, 0, torch.where(selected, 1, 2))
+    return counts, pl_confusion(o.y_ulb, pred, group, k)
 
 
 def pl_confusion(y_true: torch.Tensor, pred: torch.Tensor, group: torch.Tensor,
-                 keep: torch.Tensor, k: int) -> torch.Tensor:
-    """(2, K, K) float64 counts of (group, true class, assigned class) over the kept samples,
-    by one index_add (bincount would read its size back to the host on a GPU)."""
+                 k: int) -> torch.Tensor:
+    """(3, K, K) float64 counts of (group, true class, predicted class), by one index_add
+    (bincount would read its output size back to the host on a GPU)."""
     flat = (group * k + y_true) * k + pred
-    out = torch.zeros(2 * k * k, device=pred.device, dtype=torch.float64)
-    return out.index_add_(0, flat, keep.double()).view(2, k, k)
+    out = torch.zeros(3 * k * k, device=pred.device, dtype=torch.float64)
+    return out.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64)).view(3, k, k)
 
 
 def no_unlabeled(device, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.zeros(len(DIAG), device=device, dtype=torch.float64),
-            torch.zeros(2, k, k, device=device, dtype=torch.float64))
+            torch.zeros(3, k, k, device=device, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------- [G] and [N&O] (Table 1)

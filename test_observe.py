@@ -21,13 +21,12 @@ def test_pl_confusion_matches_a_loop():
     y, pred = torch.randint(0, k, (n,), generator=g), torch.randint(0, k, (n,), generator=g)
     conf = torch.rand(n, generator=g) < 0.4
     sel = ~conf & (torch.rand(n, generator=g) < 0.5)
-    got = methods.pl_confusion(y, pred, sel.long(), conf | sel, k)
-    ref = np.zeros((2, k, k))
+    group = torch.where(conf, 0, torch.where(sel, 1, 2))
+    got = methods.pl_confusion(y, pred, group, k)
+    ref = np.zeros((3, k, k))
     for i in range(n):
-        if conf[i]:
-            ref[0, y[i], pred[i]] += 1
-        elif sel[i]:
-            ref[1, y[i], pred[i]] += 1
+        g = 0 if conf[i] else 1 if sel[i] else 2
+        ref[g, y[i], pred[i]] += 1
     assert np.array_equal(got.numpy(), ref)
 
 
@@ -47,7 +46,7 @@ def test_per_class_counters_sum_to_the_global_counters(step):
     assert sum(pc["assigned_selected"]) == d["entropy_selected"]
     assert sum(pc["correct_confident"]) == d["correct_confident"]
     assert sum(pc["correct_selected"]) == d["correct_selected"]
-    assert conf.sum() <= U
+    assert conf.sum() == U  # every unlabeled sample is in one group
 
 
 def test_run_writes_per_class_statistics_and_the_confusion(tiny_npz, tmp_path):
@@ -55,13 +54,14 @@ def test_run_writes_per_class_statistics_and_the_confusion(tiny_npz, tmp_path):
     train.main(tiny_args(tiny_npz, out))
     m = [json.loads(l) for l in open(out / "metrics.jsonl")]
     cm = np.load(out / "pl_confusion.npy")
-    assert cm.shape == (2, 3, 3) and cm.dtype == np.int64
+    assert cm.shape == (3, 3, 3) and cm.dtype == np.int64
     last = m[-1]["pl_per_class"]
     assert last["assigned_confident"] == cm[0].sum(0).tolist()
     assert last["correct_selected"] == np.diagonal(cm[1]).tolist()
     n_ulb = 3 * 2 * 4  # steps per epoch x mu x B
     assert cm[0].sum() == round(m[-1]["confident"] * n_ulb)
     assert cm[1].sum() == round(m[-1]["entropy_selected"] * n_ulb)
+    assert cm.sum() == n_ulb
 
 
 # ---------------------------------------------------------------- TensorBoard

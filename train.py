@@ -322,8 +322,8 @@ class Run:
         return torch.zeros(2 + len(methods.DIAG), device=self.dev, dtype=torch.float64)
 
     def new_confusion(self) -> torch.Tensor:
-        # (confident, entropy-selected) x true class x assigned class, over an evaluation interval
-        return torch.zeros(2, self.k, self.k, device=self.dev, dtype=torch.float64)
+        # (confident, entropy-selected, unconfident) x true class x argmax class, over an interval
+        return torch.zeros(3, self.k, self.k, device=self.dev, dtype=torch.float64)
 
     # ---------------------------------------------------------------- the training step
 
@@ -494,8 +494,8 @@ def per_class_pl(confusion: torch.Tensor) -> dict:
 
 
 def write_confusion(out: str, confusion: torch.Tensor) -> None:
-    """OUT/pl_confusion.npy: (2, K, K) int64 counts (confident, entropy-selected) x true class x
-    assigned class of the last evaluation interval; written atomically."""
+    """OUT/pl_confusion.npy: (3, K, K) int64 counts (confident, entropy-selected, unconfident) x
+    true class x argmax class of the last evaluation interval; written atomically."""
     tmp = os.path.join(out, "pl_confusion.tmp.npy")
     np.save(tmp, confusion.round().long().cpu().numpy())
     os.replace(tmp, os.path.join(out, "pl_confusion.npy"))

@@ -82,8 +82,13 @@ def evaluate_checkpoint(path: str, per_class: bool = False, data_dir: str | None
     pred = predict_all(model, x, norm)
     out = {"checkpoint": f, "step": state["step"], "top1": (pred == y).float().mean().item()}
     if per_class:
-        out["per_class"] = {ds["classes"][k]: (pred[y == k] == k).float().mean().item()
-                            for k in range(ds["num_classes"]) if (y == k).any()}
+        k = ds["num_classes"]
+        out["classes"] = list(ds["classes"])
+        out["confusion"] = torch.zeros(k * k, dtype=torch.long).index_add_(
+            0, (y * k + pred).cpu(), torch.ones(len(y), dtype=torch.long)).view(k, k).numpy()
+        out["per_class"] = {ds["classes"][c]: (pred[y == c] == c).float().mean().item()
+                            for c in range(k) if (y == c).any()}
+        out["per_class_count"] = {ds["classes"][c]: int((y == c).sum()) for c in range(k)}
     return out
 
 
@@ -123,6 +128,147 @@ def table1(results_dir: str) -> str:
                                "training; mean ± std over seeds.\n")
 
 
+# ---------------------------------------------------------------- plots (matplotlib: optional)
+
+PLOT_IGNORE = {"out", "data_dir", "device", "log_every", "eval_every", "save_every", "compile",
+               "eval_batch_size", "tensorboard", "amp", "debug_nan_step", "skip_nonfinite"}
+
+
+def import_pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("evaluate.py: error: plots need matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def read_run(run_dir: str) -> tuple[dict, list[dict]]:
+    """(args, metrics lines) of a run directory, from result.json or the checkpoint."""
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(metrics):
+        raise SystemExit(f"evaluate.py: error: {run_dir} is not a run directory (no metrics.jsonl)")
+    lines = []
+    with open(metrics) as fh:
+        for line in fh:
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # a torn last line of an interrupted run
+    try:
+        with open(os.path.join(run_dir, "result.json")) as fh:
+            args = json.load(fh)["args"]
+    except (OSError, ValueError, KeyError):
+        try:
+            args = read_checkpoint(run_dir)[0]["args"]
+        except CheckpointError as e:
+            raise SystemExit(f"evaluate.py: error: {run_dir}: no result.json and {e}") from None
+    return args, lines
+
+
+def run_labels(all_args: list[dict]) -> list[str]:
+    """The method (with beta for entropy), then the settings that differ between the plotted
+    runs of the same method (seed included)."""
+    out = []
+    for a in all_args:
+        same = [b for b in all_args if b["loss"] == a["loss"]]
+        keys = sorted({k for b in same for k in b} - PLOT_IGNORE - {"loss"})
+        differ = [k for k in keys if len({repr(b.get(k)) for b in same}) > 1]
+        extra = [f"{k}={a.get(k)}" for k in differ]
+        if a["loss"] == "entropy" and "entropy_ratio" not in differ:
+            extra.insert(0, f"beta={a.get('entropy_ratio')}")
+        out.append(" ".join([a["loss"]] + extra))
+    return out
+
+
+PANELS = [  # title, y label, [(metrics field, line style, legend suffix)]
+    ("EMA test accuracy", "accuracy", [("test_acc", "-", "")]),
+    ("Unlabeled samples per group", "fraction of the unlabeled batch",
+     [("confident", "-", "confident"), ("entropy_selected", "--", "entropy-selected"),
+      ("unconfident", ":", "unconfident")]),
+    ("Pseudo-label accuracy", "accuracy against the true labels",
+     [("pl_acc_confident", "-", "confident"), ("pl_acc_selected", "--", "entropy-selected")]),
+    ("Mean unlabeled weight", "weight", [("mean_weight", "-", "")]),
+]
+
+
+def plot_runs(run_dirs: list[str], out: str) -> None:
+    """One figure: the PANELS over epochs, one colour per run, one line style per group."""
+    plt = import_pyplot()
+    runs = [read_run(d) for d in run_dirs]
+    labels = run_labels([a for a, _ in runs])
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), constrained_layout=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (title, ylabel, fields) in zip(axes.flat, PANELS):
+        for i, (_, lines) in enumerate(runs):
+            for field, style, _ in fields:
+                pts = [(m["epoch"], m[field]) for m in lines if m.get(field) is not None]
+                if pts:
+                    ax.plot(*zip(*pts), style, color=colours[i % len(colours)], marker=".", ms=3)
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        if len(fields) > 1:  # line style = group, explained once per panel in black
+            ax.legend([plt.Line2D([], [], color="k", ls=s) for _, s, _ in fields],
+                      [name for _, _, name in fields], fontsize=8, loc="best")
+        if not ax.lines:
+            ax.text(0.5, 0.5, "no data (e.g. --mu 0)", ha="center", va="center",
+                    transform=ax.transAxes)
+    handles = [plt.Line2D([], [], color=colours[i % len(colours)]) for i in range(len(runs))]
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(3, len(runs)), fontsize=8)
+    fig.suptitle(", ".join(sorted({str(a.get("dataset")) for a, _ in runs})))
+    save_figure(fig, out)
+
+
+def save_figure(fig, out: str) -> None:
+    tmp = out + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+
+
+def row_normalised(cm):
+    import numpy as np
+    cm = np.asarray(cm, dtype=np.float64)
+    return cm / np.maximum(cm.sum(1, keepdims=True), 1)
+
+
+def plot_confusion(run_dir: str, out: str, data_dir: str | None, device: str) -> None:
+    """Test-set confusion of the EMA model, and the pseudo-label confusion (confident and
+    entropy-selected samples) of the last evaluation interval, row-normalised."""
+    import numpy as np
+    plt = import_pyplot()
+    r = evaluate_checkpoint(run_dir, per_class=True, data_dir=data_dir, device=device)
+    k = len(r["classes"])
+    mats = [("test set (EMA model)", r["confusion"])]
+    pl_path = os.path.join(run_dir, "pl_confusion.npy")
+    if os.path.isfile(pl_path):
+        pl = np.load(pl_path)
+        mats.append((f"pseudo-labels, last interval ({int(pl[:2].sum())} samples)", pl[:2].sum(0)))
+    fig, axes = plt.subplots(1, len(mats), figsize=(6 * len(mats), 5.5), constrained_layout=True,
+                             squeeze=False)
+    for ax, (title, cm) in zip(axes[0], mats):
+        im = ax.imshow(row_normalised(cm), vmin=0, vmax=1, cmap="Blues")
+        ax.set(title=title, xlabel="assigned / predicted class", ylabel="true class")
+        if k <= 20:
+            ax.set_xticks(range(k), r["classes"], rotation=90, fontsize=7)
+            ax.set_yticks(range(k), r["classes"], fontsize=7)
+        fig.colorbar(im, ax=ax, shrink=0.8, label="fraction of the true class")
+    save_figure(fig, out)
+
+
+def pl_precision_recall(pl: "np.ndarray") -> tuple[list, list]:
+    """Per class, from a (3, K, K) pseudo-label confusion: precision = right / given the class
+    (confident or entropy-selected), recall = right / unlabeled samples of that class seen."""
+    import numpy as np
+    given = pl[:2].sum(0)
+    right = np.diagonal(given)
+    seen = pl.sum(0).sum(1)
+    prec = [right[k] / given[:, k].sum() if given[:, k].sum() else None for k in range(len(right))]
+    rec = [right[k] / seen[k] if seen[k] else None for k in range(len(right))]
+    return prec, rec
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("path", nargs="?", help="a run directory (OUT/) or a checkpoint file")
@@ -131,7 +277,27 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--table", metavar="RESULTS_DIR",
                    help="write RESULTS_DIR/table1.md from every result.json below it and print it")
+    p.add_argument("--plot", nargs="+", metavar="RUN",
+                   help="plot accuracy, group fractions, pseudo-label accuracy and mean weight of "
+                        "these runs over epochs into --out (needs matplotlib)")
+    p.add_argument("--plot-confusion", metavar="RUN",
+                   help="plot the test-set and the pseudo-label confusion matrices of RUN into --out")
+    p.add_argument("--out", metavar="FIG.png", help="figure file for --plot / --plot-confusion")
     args = p.parse_args(argv)
+    if args.plot or args.plot_confusion:
+        if not args.out:
+            p.error("--plot and --plot-confusion need --out FIG.png")
+        for d in (args.plot or []) + ([args.plot_confusion] if args.plot_confusion else []):
+            if not os.path.isdir(d):
+                p.error(f"{d} is not a run directory")
+        if args.plot:
+            plot_runs(args.plot, args.out)
+        else:
+            try:
+                plot_confusion(args.plot_confusion, args.out, args.data_dir, args.device)
+            except (CheckpointError, ValueError, RuntimeError) as e:
+                sys.exit(f"evaluate.py: error: {e}")
+        return
     if args.table:
         if not os.path.isdir(args.table):
             p.error(f"--table: {args.table} is not a directory")
@@ -147,8 +313,27 @@ def main(argv=None) -> None:
     except (CheckpointError, ValueError, RuntimeError) as e:
         sys.exit(f"evaluate.py: error: {e}")
     print(f"{r['checkpoint']} (step {r['step']}): top-1 accuracy {100 * r['top1']:.2f} %")
-    for name, acc in r.get("per_class", {}).items():
-        print(f"  {name:>16s}  {100 * acc:6.2f} %")
+    if args.per_class:
+        print_per_class(r, args.path)
+
+
+def print_per_class(r: dict, path: str) -> None:
+    """Per-class test accuracy with names and counts; the pseudo-label precision and recall of
+    the last evaluation interval when the run directory holds pl_confusion.npy."""
+    import numpy as np
+    pl_path = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "pl_confusion.npy")
+    prec = rec = None
+    if os.path.isfile(pl_path):
+        prec, rec = pl_precision_recall(np.load(pl_path))
+    fmt = lambda v: "     -" if v is None else f"{100 * v:6.2f}"  # noqa: E731
+    print(f"  {'class':>16s}  {'test acc':>8s}  {'n':>5s}" +
+          ("  pseudo-label precision / recall (last interval)" if prec else ""))
+    for c, name in enumerate(r["classes"]):
+        line = (f"  {name:>16s}  {fmt(r['per_class'].get(name))} %  "
+                f"{r['per_class_count'][name]:5d}")
+        if prec:
+            line += f"  {fmt(prec[c])} % / {fmt(rec[c])} %"
+        print(line)
 
 
 if __name__ == "__main__":

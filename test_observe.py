@@ -114,3 +114,65 @@ def test_tensorboard_missing_is_one_line(tiny_npz, tmp_path, monkeypatch, capsys
     with pytest.raises(SystemExit):
         train.get_args(tiny_args(tiny_npz, tmp_path / "r", "--tensorboard"))
     assert "pip install tensorboard" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- plots
+
+def png_size(path):
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.size
+
+
+@pytest.fixture(scope="module")
+def three_runs(tmp_path_factory):
+    from conftest import write_tiny_npz
+    d = tmp_path_factory.mktemp("runs")
+    npz = write_tiny_npz(d / "tiny.npz")
+    base = lambda out: [a for a in tiny_args(npz, out, "--loss", "base")  # noqa: E731
+                        if a not in ("--entropy-ratio", "0.5")]
+    train.main(tiny_args(npz, d / "entropy"))
+    train.main(base(d / "base"))
+    train.main(base(d / "mu0") + ["--mu", "0"])  # the last --mu wins
+    return [str(d / n) for n in ("entropy", "base", "mu0")]
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_plot_writes_a_png_for_one_and_three_runs(three_runs, tmp_path, n, capsys):
+    pytest.importorskip("matplotlib")
+    import evaluate
+    out = tmp_path / "fig.png"
+    evaluate.main(["--plot", *three_runs[:n], "--out", str(out)])  # the 3rd run has --mu 0
+    assert png_size(out) == (1200, 850)
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_plot_confusion_and_per_class(three_runs, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    import evaluate
+    out = tmp_path / "cm.png"
+    evaluate.main(["--plot-confusion", three_runs[0], "--out", str(out)])
+    assert png_size(out) == (1200, 550)
+    evaluate.main([three_runs[0], "--per-class"])
+    text = capsys.readouterr().out
+    assert "precision / recall" in text and "c0" in text and "c2" in text
+
+
+def test_precision_recall_by_hand():
+    import evaluate
+    pl = np.zeros((3, 2, 2))
+    pl[0] = [[3, 1], [0, 2]]  # confident: 3 right of class 0, 1 class-0 image called 1, 2 right 1
+    pl[1] = [[0, 0], [2, 0]]  # selected: 2 class-1 images called 0
+    pl[2] = [[4, 0], [0, 5]]  # unconfident: seen, not given a label
+    prec, rec = evaluate.pl_precision_recall(pl)
+    assert prec == pytest.approx([3 / 5, 2 / 3]) and rec == pytest.approx([3 / 8, 2 / 9])
+
+
+@pytest.mark.parametrize("argv", [["--plot", "nowhere", "--out", "x.png"],
+                                  ["--plot-confusion", "nowhere", "--out", "x.png"]])
+def test_plot_bad_run_dir_is_one_line(argv, capsys):
+    import evaluate
+    with pytest.raises(SystemExit):
+        evaluate.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "nowhere is not a run directory" in err[-1]

@@ -47,23 +47,23 @@ def read_checkpoint(path: str) -> tuple[dict, str]:
 
 
 @torch.no_grad()
-def predict_all(model: torch.nn.Module, x_u8: torch.Tensor, normalize, batch_size: int = 1024,
-                amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+def predict_all(model: torch.nn.Module, x_u8: torch.Tensor, normalize,
+                batch_size: int = 1024) -> torch.Tensor:
     """Predictions (nearest prototype, or classifier argmax for the peers) for uint8 images
-    (N, 3, H, W), model in eval mode."""
+    (N, 3, H, W), model in eval mode, in float32: autocast is switched off even inside a caller's
+    autocast region, so training-time and evaluate.py accuracies agree, as in [G]'s evaluation."""
     was_training = model.training
     model.eval()
     preds = []
     for i in range(0, len(x_u8), batch_size):
-        with torch.autocast(x_u8.device.type, dtype=amp_dtype or torch.bfloat16,
-                            enabled=amp_dtype is not None):
+        with torch.autocast(x_u8.device.type, enabled=False):
             preds.append(model.predict(normalize(x_u8[i:i + batch_size])))
     model.train(was_training)
     return torch.cat(preds)
 
 
-def accuracy(model, x_u8, y, normalize, batch_size: int = 1024, amp_dtype=None) -> float:
-    return (predict_all(model, x_u8, normalize, batch_size, amp_dtype) == y).float().mean().item()
+def accuracy(model, x_u8, y, normalize, batch_size: int = 1024) -> float:
+    return (predict_all(model, x_u8, normalize, batch_size) == y).float().mean().item()
 
 
 def evaluate_checkpoint(path: str, per_class: bool = False, data_dir: str | None = None,
@@ -74,7 +74,9 @@ def evaluate_checkpoint(path: str, per_class: bool = False, data_dir: str | None
     a = state["args"]
     ds = data.load_dataset(a["dataset"], data_dir or a["data_dir"])
     classifier = any(k.startswith("classifier.") for k in state["ema"])  # a peer method's run
-    model = Encoder(ds["num_classes"], a["arch"], classifier=classifier).to(device)
+    # runs from before --wrn-variant existed used the TensorFlow-original network
+    model = Encoder(ds["num_classes"], a["arch"], classifier=classifier,
+                    variant=a.get("wrn_variant", "tf")).to(device)
     model.load_state_dict(state["ema"])
     x = data.to_tensor_images(ds["x_test"], device)
     y = torch.from_numpy(ds["y_test"]).to(device)

@@ -1,4 +1,5 @@
-"""WideResNet-28-2 backbone (as in FixMatch / [G]), projection head and class prototypes (SPEC 6).
+"""WideResNet-28-2 backbone (as [G] ran it: USB's wrn_28_2), projection head and class prototypes
+(SPEC 6). `variant="tf"` is FixMatch's TensorFlow original instead.
 
 Encoder f = backbone -> head Linear(C,128) -> ReLU -> Linear(128,128) -> L2 normalisation.
 Prototypes c_1..c_K are a trainable (K, 128) parameter, normalised where they are used.
@@ -13,13 +14,18 @@ BN_MOMENTUM = 0.001  # FixMatch's TF momentum 0.999 in PyTorch's convention
 LEAKY = 0.1
 
 
+VARIANTS = ("usb", "tf")
+
+
 class BasicBlock(nn.Module):
     """Pre-activation block: BN -> LeakyReLU -> conv3x3 -> BN -> LeakyReLU -> conv3x3, plus the
-    shortcut. `activate_before_residual` (first group) feeds the activated input to the shortcut,
-    as FixMatch's TF original does; elsewhere the shortcut sees the raw input."""
+    shortcut. `activate_before_residual` (first block of group 1) feeds the activated input to
+    the shortcut too; elsewhere the shortcut sees the raw input. `raw_input` (USB's PyTorch port,
+    first block of groups 2 and 3) skips the first BN/activation: conv1 and the shortcut both see
+    the raw input, and bn1 exists but is unused (as in USB)."""
 
     def __init__(self, c_in: int, c_out: int, stride: int, activate_before_residual: bool = False,
-                 bn_momentum: float = BN_MOMENTUM):
+                 bn_momentum: float = BN_MOMENTUM, raw_input: bool = False):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(c_in, momentum=bn_momentum)
         self.bn2 = nn.BatchNorm2d(c_out, momentum=bn_momentum)
@@ -28,9 +34,10 @@ class BasicBlock(nn.Module):
         self.shortcut = (nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False)
                          if c_in != c_out or stride != 1 else None)
         self.activate_before_residual = activate_before_residual
+        self.raw_input = raw_input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        o = F.leaky_relu(self.bn1(x), LEAKY)
+        o = x if self.raw_input else F.leaky_relu(self.bn1(x), LEAKY)
         if self.activate_before_residual:
             x = o
         o = self.conv2(F.leaky_relu(self.bn2(self.conv1(o)), LEAKY))
@@ -38,24 +45,34 @@ class BasicBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """WRN-depth-width for 32x32 inputs (any size works: the pool is global)."""
+    """WRN-depth-width for 32x32 inputs (any size works: the pool is global).
 
-    def __init__(self, depth: int = 28, width: int = 2, bn_momentum: float = BN_MOMENTUM):
+    variant "usb" ([G]'s network, USB's wrn_28_2): stem conv with bias, the first block of groups
+    2 and 3 feeds its raw input to conv1 and the shortcut, final BN eps 1e-3.
+    variant "tf" (FixMatch's TensorFlow original): no stem bias, every block pre-activates,
+    final BN eps 1e-5."""
+
+    def __init__(self, depth: int = 28, width: int = 2, bn_momentum: float = BN_MOMENTUM,
+                 variant: str = "usb"):
         super().__init__()
         if (depth - 4) % 6 or depth < 10:
             raise ValueError(f"WRN depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...), got {depth}")
+        if variant not in VARIANTS:
+            raise ValueError(f"WRN variant must be one of {VARIANTS}, got {variant!r}")
         n = (depth - 4) // 6
         widths = [16, 16 * width, 32 * width, 64 * width]
-        self.stem = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        usb = variant == "usb"
+        self.stem = nn.Conv2d(3, widths[0], 3, 1, 1, bias=usb)
         blocks = []
         for g, stride in enumerate((1, 2, 2)):
             for i in range(n):
                 blocks.append(BasicBlock(widths[g] if i == 0 else widths[g + 1], widths[g + 1],
                                          stride if i == 0 else 1,
                                          activate_before_residual=(g == 0 and i == 0),
-                                         bn_momentum=bn_momentum))
+                                         bn_momentum=bn_momentum,
+                                         raw_input=usb and g > 0 and i == 0))
         self.blocks = nn.Sequential(*blocks)
-        self.bn = nn.BatchNorm2d(widths[3], momentum=bn_momentum)
+        self.bn = nn.BatchNorm2d(widths[3], momentum=bn_momentum, eps=1e-3 if usb else 1e-5)
         self.out_dim = widths[3]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,16 +85,16 @@ class Encoder(nn.Module):
     methods (SPEC 9), a linear classifier on the pooled backbone feature instead of prototypes."""
 
     def __init__(self, num_classes: int, arch: str = "wrn-28-2", dim: int = 128,
-                 bn_momentum: float = BN_MOMENTUM, classifier: bool = False):
+                 bn_momentum: float = BN_MOMENTUM, classifier: bool = False, variant: str = "usb"):
         super().__init__()
         depth, width = parse_arch(arch)
-        self.backbone = WideResNet(depth, width, bn_momentum)
+        self.backbone = WideResNet(depth, width, bn_momentum, variant)
         self.head = nn.Sequential(nn.Linear(self.backbone.out_dim, dim), nn.ReLU(inplace=True),
                                   nn.Linear(dim, dim))
         self.prototypes = None if classifier else nn.Parameter(torch.randn(num_classes, dim))
         self.classifier = nn.Linear(self.backbone.out_dim, num_classes) if classifier else None
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.Conv2d):  # the stem's bias (usb) keeps PyTorch's default init
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)

@@ -25,7 +25,7 @@ import data
 import losses
 import methods
 from evaluate import CheckpointError, accuracy, read_checkpoint
-from model import BN_MOMENTUM, Encoder, parse_arch
+from model import BN_MOMENTUM, VARIANTS, Encoder, parse_arch
 
 # [N&O] section 4.3: entropy ratio beta per (dataset, labels per class)
 PAPER_BETA = {("cifar10", 4): 0.2, ("cifar10", 25): 0.4, ("cifar100", 4): 0.1, ("cifar100", 25): 0.2}
@@ -34,14 +34,14 @@ PAPER_WD = {"cifar10": 5e-4, "cifar100": 1e-3}
 CONFIG_KEYS = ("dataset", "labels_per_class", "loss", "seed", "arch", "epochs", "steps_per_epoch",
                "batch_size", "mu", "lr", "wd", "threshold", "pl_temp", "temp", "low_weight",
                "entropy_ratio", "entropy_weighting", "entropy_epochs", "ema_decay",
-               "bn_momentum", "channels_last", "pair_weight", "lambda_u", "lambda_c",
+               "bn_momentum", "channels_last", "wrn_variant", "pair_weight", "lambda_u", "lambda_c",
                "ccssl_temp", "lambda_in", "bank_momentum", "bank_temp", "smoothing_alpha",
                "da_len")
 # method-specific flags: (default, the methods they apply to). Given for another method, a flag
 # is an error; not given, it takes the default for its methods and None elsewhere.
 CONTRASTIVE, PEERS = ("base", "entropy"), methods.CLASSIFIER
 METHOD_FLAGS = {
-    "pl_temp": (0.1, CONTRASTIVE), "temp": (0.1, CONTRASTIVE), "low_weight": (0.2, CONTRASTIVE),
+    "pl_temp": (0.08, CONTRASTIVE), "temp": (0.1, CONTRASTIVE), "low_weight": (0.2, CONTRASTIVE),
     "pair_weight": ("geometric", ("entropy",)),
     "lambda_u": (1.0, PEERS), "lambda_c": (1.0, ("ccssl",)), "ccssl_temp": (0.07, ("ccssl",)),
     "lambda_in": (1.0, ("simmatch",)), "bank_momentum": (0.7, ("simmatch",)),
@@ -66,7 +66,8 @@ def get_args(argv=None) -> argparse.Namespace:
     a("--threshold", type=float, default=0.95,
       help="confidence threshold tau of Eq. (5) (the peers' mask threshold p_cutoff too)")
     a("--pl-temp", type=float, default=None,
-      help="base/entropy: temperature T_pl of the pseudo-labels, Eq. (4) (default 0.1)")
+      help="base/entropy: temperature T_pl of the pseudo-labels, Eq. (4) (default 0.08: [G]'s "
+           "final configs use 0.04 on (cos + 1) / 2)")
     a("--temp", type=float, default=None,
       help="base/entropy: temperature T of the contrastive loss (default 0.1)")
     a("--low-weight", type=float, default=None,
@@ -110,6 +111,8 @@ def get_args(argv=None) -> argparse.Namespace:
            "0.1) for runs too short for 0.001 to converge the running statistics")
     # model and system
     a("--arch", default="wrn-28-2", help="wrn-DEPTH-WIDTH, e.g. wrn-10-1 for CPU runs")
+    a("--wrn-variant", choices=VARIANTS, default="usb",
+      help="usb = [G]'s network (USB's wrn_28_2); tf = FixMatch's TensorFlow original")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     a("--amp", action=argparse.BooleanOptionalAction, default=None,
       help="autocast (bf16, or fp16 + GradScaler where bf16 is unsupported); default on for CUDA")
@@ -237,6 +240,16 @@ def fail(msg: str) -> None:
 
 # ---------------------------------------------------------------- pieces of the step
 
+def amp_dtype_for(dev: torch.device) -> torch.dtype:
+    """bf16 where the device has it natively (CPU; CUDA compute capability >= 8.0), else fp16
+    with a GradScaler. torch.cuda.is_bf16_supported() alone also counts emulation (slow, and it
+    would make the fp16 path unreachable)."""
+    if dev.type != "cuda":
+        return torch.bfloat16
+    major, _ = torch.cuda.get_device_capability(dev)
+    return torch.bfloat16 if major >= 8 else torch.float16
+
+
 def lr_at(step: int, total: int, lr: float) -> float:
     """Cosine decay of FixMatch / [G]: lr cos(7 pi k / (16 K))."""
     return lr * math.cos(7 * math.pi * step / (16 * total))
@@ -285,16 +298,14 @@ class Run:
 
         torch.manual_seed(args.seed)
         self.model = Encoder(self.k, args.arch, bn_momentum=args.bn_momentum,
-                             classifier=args.loss in methods.CLASSIFIER).to(dev)
+                             classifier=args.loss in methods.CLASSIFIER,
+                             variant=args.wrn_variant).to(dev)
         if args.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.forward = torch.compile(self.model) if args.compile else self.model
         self.opt = make_optimizer(self.model, args)
-        self.amp_dtype = None
-        if args.amp:
-            ok_bf16 = dev.type == "cpu" or torch.cuda.is_bf16_supported()
-            self.amp_dtype = torch.bfloat16 if ok_bf16 else torch.float16
+        self.amp_dtype = amp_dtype_for(dev) if args.amp else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.g_aug = torch.Generator(dev).manual_seed(args.seed + 1)
         self.sampler_lb = data.IndexSampler(len(self.lb), args.batch_size,
@@ -401,6 +412,7 @@ class Run:
         a = self.args
         return {
             "format": 1, "step": self.step, "args": vars(a),
+            "device_type": self.dev.type, "amp_dtype": str(self.amp_dtype),
             "model": self.model.state_dict(), "ema": self.ema.state_dict(),
             "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
             "rng_torch": torch.get_rng_state(),
@@ -423,6 +435,7 @@ class Run:
         if diffs:
             fail(f"{a.out} holds a run with a different configuration ({'; '.join(diffs)}); "
                  "use another --out or the original arguments")
+        self.check_resumable_here(s)
         if not np.array_equal(s["labeled_idx"].numpy(), self.labeled_idx):
             fail(f"{a.out}: the labeled split differs from the checkpoint's (dataset changed?)")
         self.model.load_state_dict(s["model"])
@@ -442,6 +455,21 @@ class Run:
         self.skipped = s["skipped"]
         if self.method_state:
             self.method_state.load_state_dict(s["method_state"])
+
+    def check_resumable_here(self, s: dict) -> None:
+        """What can change on resume: the device index, bf16 autocast on/off. What cannot: the
+        device type (CPU and CUDA generators have different states) and fp16, whose GradScaler
+        state (the loss scale) has no counterpart in a bf16 or fp32 run and vice versa."""
+        was = s.get("device_type", "cpu")
+        if was != self.dev.type:
+            fail(f"{self.args.out} was trained on {was} and cannot resume on {self.dev.type} (the "
+                 f"random generators' states differ between device types); resume with "
+                 f"--device {was}, or start a new run with another --out")
+        fp16_then, fp16_now = s.get("amp_dtype") == str(torch.float16), self.amp_dtype == torch.float16
+        if fp16_then != fp16_now:
+            fail(f"{self.args.out} was trained with amp {s.get('amp_dtype')} and now it would be "
+                 f"{self.amp_dtype}: fp16 runs keep a GradScaler state that other precisions do "
+                 f"not have; resume on the same kind of GPU, or start a new run with another --out")
 
     def save(self) -> None:
         """Atomic: write last.pt.tmp, fsync, keep the old last.pt as prev.pt, rename."""
@@ -579,7 +607,7 @@ def main(argv=None) -> dict:
              f"{args.entropy_epochs} epochs, {args.pair_weight} pair weight)"
              if args.loss == "entropy" else "")
           + f" | {args.arch} (BN momentum {args.bn_momentum:g}) on {device_name(run.dev)}, "
-            f"amp {run.amp_dtype} | "
+            f"amp {str(run.amp_dtype).replace('torch.', '') if run.amp_dtype else 'off'} | "
             f"{run.total} steps x {ipb} images -> {args.out}", flush=True)
 
     tb = open_tensorboard(args.out, run.step) if args.tensorboard else None
@@ -622,8 +650,7 @@ def train_loop(run: Run, metrics_path: str, ipb: int, tb=None) -> None:
             t_log, step_log = now, run.step
         if run.step % steps_per_eval == 0 or run.step == run.total:
             run.check_finite()
-            acc = accuracy(run.ema, run.x_test, run.y_test, run.norm, args.eval_batch_size,
-                           run.amp_dtype)
+            acc = accuracy(run.ema, run.x_test, run.y_test, run.norm, args.eval_batch_size)
             run.history.append(acc)
             m = epoch_metrics(run, acc)
             append_jsonl(metrics_path, m)

@@ -9,6 +9,15 @@ Equation numbers follow SPEC.md section 3, where the paper's lost symbols are re
     pair_weighted_supcon   Eq. (8)        proposed loss [N&O], pair weights sqrt(w_i w_p)
     contrastive_batch      -              rows [prototypes; labeled; strong 1; strong 2]
 
+The peer methods of SPEC section 9 (FixMatch, CCSSL, SimMatch):
+
+    fixmatch_mask          mask m_b = [max_k p_bk >= tau] and pseudo-label argmax_k p_bk
+    masked_cross_entropy   (1/U) sum_b m_b CE(logits_b, yhat_b)
+    soft_cross_entropy     H(q_b, softmax(logits_b)) per row, via log_softmax
+    ccssl_supcon           CCSSL's class-aware contrastive loss, targets weighted c_i c_j
+    distribution_alignment p (1/K) / mean p, renormalised (SimMatch, uniform target)
+    simmatch_targets       SimMatch's label propagation through the labeled bank: p_hat, q_hat
+
 Everything is vectorised over rows, runs on any device and computes in float32 even when
 called with float16/bfloat16 inputs or under autocast. The public functions validate their
 inputs; `validate=False` skips the checks that need a device->host copy (the training step
@@ -172,21 +181,29 @@ def anchor_weighted_supcon(features: torch.Tensor, labels: torch.Tensor, weights
         return _safe_ratio((w * mean_neg_lp).sum(), w.sum())
 
 
+PAIRS = ("geometric", "product")
+
+
 def pair_weighted_supcon(features: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                         temperature: float = 0.1, validate: bool = True, pair="geometric") -> torch.Tensor:
+                         temperature: float = 0.1, validate: bool = True,
+                         pair: str = "geometric") -> torch.Tensor:
     """Eq. (8), the proposed loss of [N&O]: pair weight sqrt(w_i w_p) for anchor i, positive p,
 
         L_ent = sum_{i in I'} (1/|P(i)|) sum_p sqrt(w_i w_p) (-l_ip) / sum_{i in I'} wbar_i,
         wbar_i = (1/|P(i)|) sum_p sqrt(w_i w_p),
 
-    l_ip, P(i) and I' as in Eq. (6). Returns a float32 scalar (0 when the denominator is 0).
+    l_ip, P(i) and I' as in Eq. (6). pair="product" uses CCSSL's w_i w_p instead, in the
+    numerator and the normaliser alike (SPEC 9 ablation). Returns a float32 scalar (0 when the
+    denominator is 0).
     """
     _check_rows(features, labels, weights, validate)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if pair not in PAIRS:
+        raise ValueError(f"pair must be one of {PAIRS}, got {pair!r}")
     with _no_autocast(features):
         logits, lse, pos = _logits_lse_positives(features, labels, temperature)
-        sw = _f32(weights).sqrt()
+        sw = _f32(weights).sqrt() if pair == "geometric" else _f32(weights)
         pair_w = pos * (sw[:, None] * sw[None, :])
         inv_n_pos = 1.0 / pos.sum(1).clamp(min=1)  # rows without positives have pair_w = 0
         w_sum = pair_w.sum(1)
@@ -219,36 +236,125 @@ def contrastive_batch(prototypes: torch.Tensor, z_lb: torch.Tensor, y_lb: torch.
     return (torch.cat([f.to(dtype) for f in feats]), torch.cat(labels), torch.cat(weights))
 
 
-# TEMP SHIM (not committed)
-def fixmatch_mask(probs, threshold=0.95):
-    conf, pl = probs.max(1)
-    return (conf >= threshold).float(), pl
+# ---------------------------------------------------------------- peer methods (SPEC 9)
 
-def masked_cross_entropy(logits, labels, mask):
-    return (F.cross_entropy(logits.float(), labels, reduction="none") * mask).mean()
+def _check_2d(name: str, t: torch.Tensor) -> None:
+    if t.dim() != 2 or not t.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a 2-D floating-point tensor (rows, classes), got shape "
+                         f"{tuple(t.shape)} and dtype {t.dtype}")
 
-def soft_cross_entropy(logits, targets):
-    return -(targets * torch.log_softmax(logits.float(), 1)).sum(1)
 
-def distribution_alignment(p, mean):
-    q = p * (1.0 / p.shape[1]) / mean
-    return q / q.sum(1, keepdim=True)
+def _check_int(name: str, t: torch.Tensor) -> None:
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got dtype {t.dtype}")
 
-def ccssl_supcon(features, labels, confidence, temperature=0.07, validate=True):
-    z = F.normalize(features.float(), dim=1)
-    u = len(labels)
-    lab = torch.cat([labels, labels]); c = torch.cat([confidence, confidence]).float()
-    logits = z @ z.T / temperature
-    logits.fill_diagonal_(-1e9)
-    logp = logits - torch.logsumexp(logits, 1, keepdim=True)
-    pos = (lab[:, None] == lab[None]).float(); pos.fill_diagonal_(0)
-    W = c[:, None] * c[None]
-    idx = torch.arange(2 * u); W[idx, (idx + u) % (2 * u)] = 1
-    return (-(pos * W * logp).sum(1) / (pos * W).sum(1)).mean()
 
-def simmatch_targets(probs_w, bank_logits, bank_labels, alpha=0.9, validate=True):
-    q = torch.softmax(bank_logits.float(), 1)
-    qh = q * probs_w[:, bank_labels]
-    qh = qh / qh.sum(1, keepdim=True)
-    agg = torch.zeros_like(probs_w).index_add_(1, bank_labels, q)
-    return alpha * probs_w + (1 - alpha) * agg, qh
+def fixmatch_mask(probs: torch.Tensor, threshold: float = 0.95,
+                  validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """FixMatch's confidence mask m_b = [max_k p_bk >= tau] (float32 0/1) and pseudo-label
+    yhat_b = argmax_k p_bk (long), from the teacher probabilities p of the weak view."""
+    _check_probs(probs, validate)
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"threshold (p_cutoff) must be in [0, 1], got {threshold}")
+    conf, pseudo = _f32(probs).max(dim=1)
+    return (conf >= threshold).float(), pseudo
+
+
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                         mask: torch.Tensor) -> torch.Tensor:
+    """(1/U) sum_b m_b CE(logits_b, yhat_b): FixMatch's unlabeled loss, averaged over the whole
+    unlabeled batch (masked-out samples count in the denominator, as in FixMatch). float32."""
+    _check_2d("logits", logits)
+    _check_int("labels", labels)
+    if labels.shape != logits.shape[:1] or mask.shape != logits.shape[:1]:
+        raise ValueError(f"labels and mask must have shape ({logits.shape[0]},), got "
+                         f"{tuple(labels.shape)} and {tuple(mask.shape)}")
+    with _no_autocast(logits):
+        ce = F.cross_entropy(_f32(logits), labels.long(), reduction="none")
+        return (ce * _f32(mask)).sum() / max(len(ce), 1)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """H(q_b, softmax(logits_b)) = -sum_k q_bk log softmax(logits_b)_k per row, with log_softmax
+    (never the log of a softmax, which underflows to -inf). Returns float32 (rows,)."""
+    _check_2d("logits", logits)
+    if targets.shape != logits.shape:
+        raise ValueError(f"targets must have the logits' shape {tuple(logits.shape)}, got "
+                         f"{tuple(targets.shape)}")
+    with _no_autocast(logits):
+        return -(_f32(targets) * torch.log_softmax(_f32(logits), dim=1)).sum(1)
+
+
+def ccssl_supcon(features: torch.Tensor, labels: torch.Tensor, confidence: torch.Tensor,
+                 temperature: float = 0.07, validate: bool = True) -> torch.Tensor:
+    """CCSSL's class-aware contrastive loss (SPEC 9) over rows [z^1; z^2] (2U, D):
+
+        l_i = -sum_j pos_ij W_ij log softmax_{a != i}(z_i.z_a / T)_j / sum_j pos_ij W_ij
+
+    pos_ij = [j != i, yhat_j = yhat_i] (the other view of the same image always is one);
+    W_ij = c_i c_j, except W_ij = 1 for the two views of one image; L = mean_i l_i.
+    labels (U,) and confidence (U,) are per image; features are L2-normalised here."""
+    if features.dim() != 2 or labels.dim() != 1 or confidence.dim() != 1:
+        raise ValueError(f"features must be (2U, D), labels and confidence (U,), got "
+                         f"{tuple(features.shape)}, {tuple(labels.shape)}, {tuple(confidence.shape)}")
+    u = labels.shape[0]
+    if features.shape[0] != 2 * u or confidence.shape[0] != u:
+        raise ValueError(f"features must have 2U = {2 * u} rows ([view 1; view 2]) and confidence "
+                         f"U = {u}, got {features.shape[0]} and {confidence.shape[0]}")
+    _check_int("labels", labels)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if validate and u and not bool(((confidence >= 0) & (confidence <= 1)).all()):
+        raise ValueError("confidence must lie in [0, 1] (the teacher's max probability)")
+    with _no_autocast(features):
+        logits, lse, pos = _logits_lse_positives(features, torch.cat([labels, labels]), temperature)
+        c = _f32(torch.cat([confidence, confidence]))
+        w = pos * (c[:, None] * c[None, :])
+        idx = torch.arange(2 * u, device=features.device)
+        w[idx, (idx + u) % (2 * u)] = 1.0  # the two views of one image: full weight
+        w_sum = w.sum(1)  # >= 1, since the other view is always a positive
+        return ((lse * w_sum - (w * logits).sum(1)) / w_sum).sum() / max(2 * u, 1)
+
+
+def distribution_alignment(probs: torch.Tensor, mean_probs: torch.Tensor) -> torch.Tensor:
+    """SimMatch / USB distribution alignment to a uniform target: p (1/K) / mean_p, renormalised
+    per row. mean_probs (K,) is the mean of the queued batch-mean teacher probabilities."""
+    _check_2d("probs", probs)
+    if mean_probs.shape != probs.shape[1:]:
+        raise ValueError(f"mean_probs must have shape ({probs.shape[1]},), got "
+                         f"{tuple(mean_probs.shape)}")
+    with _no_autocast(probs):
+        p = _f32(probs) / _f32(mean_probs).clamp(min=1e-12) / probs.shape[1]
+        return p / p.sum(1, keepdim=True).clamp(min=1e-30)
+
+
+def simmatch_targets(probs_w: torch.Tensor, bank_logits: torch.Tensor, bank_labels: torch.Tensor,
+                     alpha: float = 0.9, validate: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SimMatch's label propagation through the labeled memory bank (SPEC 9):
+
+        q = softmax(bank_logits)  (U, L),  bank_logits = z^w . bank^T / t
+        unfolding    q_hat_bj = q_bj p_w[b, label_j] / sum_j' q_bj' p_w[b, label_j']
+        aggregation  a_bk = sum_{j: label_j = k} q_bj,   p_hat = alpha p_w + (1 - alpha) a
+
+    Returns float32 (p_hat (U, K), q_hat (U, L)). A row whose p_w gives zero to every bank
+    label would make q_hat 0/0; it falls back to q."""
+    _check_probs(probs_w, validate)
+    _check_2d("bank_logits", bank_logits)
+    _check_int("bank_labels", bank_labels)
+    if bank_logits.shape[0] != probs_w.shape[0] or bank_labels.shape != bank_logits.shape[1:]:
+        raise ValueError(f"bank_logits must be (U={probs_w.shape[0]}, L) and bank_labels (L,), got "
+                         f"{tuple(bank_logits.shape)} and {tuple(bank_labels.shape)}")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    k = probs_w.shape[1]
+    if validate and bank_labels.numel() and not bool(((bank_labels >= 0) & (bank_labels < k)).all()):
+        raise ValueError(f"bank_labels must lie in [0, {k})")
+    with _no_autocast(probs_w):
+        p_w = _f32(probs_w)
+        q = torch.softmax(_f32(bank_logits), dim=1)
+        onehot = F.one_hot(bank_labels.long(), k).to(q.dtype)  # (L, K): the scatter as a matmul
+        unfolded = q * (p_w @ onehot.T)
+        norm = unfolded.sum(1, keepdim=True)
+        q_hat = torch.where(norm > 0, unfolded / norm.clamp(min=1e-30), q)
+        return alpha * p_w + (1 - alpha) * (q @ onehot), q_hat

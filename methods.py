@@ -140,7 +140,7 @@ def fixmatch_step(o: Out, model, a, entropy_on: bool = False, state=None, epoch:
     if o.z_w is None:
         return supervised_ce(o), *no_unlabeled(o.y_lb.device, o.logits_lb.shape[1])
     p = weak_teacher(o)
-    mask, pl = losses.fixmatch_mask(p, a.threshold)
+    mask, pl = losses.fixmatch_mask(p, a.threshold, validate=False)
     l_u = losses.masked_cross_entropy(o.logits_s[0].float(), pl, mask)
     return supervised_ce(o) + a.lambda_u * l_u, *diagnostics(o, p.shape[1], pl, mask > 0)
 
@@ -151,7 +151,7 @@ def ccssl_step(o: Out, model, a, entropy_on: bool = False, state=None, epoch: in
     if o.z_w is None:
         return supervised_ce(o), *no_unlabeled(o.y_lb.device, o.logits_lb.shape[1])
     p = weak_teacher(o)
-    mask, pl = losses.fixmatch_mask(p, a.threshold)
+    mask, pl = losses.fixmatch_mask(p, a.threshold, validate=False)
     conf = p.max(1).values
     l_u = losses.masked_cross_entropy(o.logits_s[0].float(), pl, mask)
     l_c = losses.ccssl_supcon(torch.cat(o.z_s[:2]), pl, conf, a.ccssl_temp, validate=False)

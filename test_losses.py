@@ -361,3 +361,215 @@ def test_pseudo_label_bad_input():
         assign_pseudo_labels(p[0])
     with pytest.raises(ValueError):
         prototype_probs(torch.randn(4, 8), torch.randn(5, 7))
+
+
+# ---------------------------------------------------------------- peer methods (SPEC 9)
+# References: loops over rows and pairs in float64 torch scalars (so autograd gives reference
+# gradients), written from the SPEC text.
+
+from losses import (ccssl_supcon, distribution_alignment, fixmatch_mask,  # noqa: E402
+                    masked_cross_entropy, simmatch_targets, soft_cross_entropy)
+
+
+def ref_log_softmax_rows(s, i, exclude_self=True):
+    """log softmax over a != i of row i of the similarity matrix s (float64)."""
+    n = s.shape[0]
+    den = torch.logsumexp(torch.stack([s[i, a] for a in range(n) if a != i or not exclude_self]), 0)
+    return [s[i, j] - den for j in range(n)]
+
+
+def ref_ccssl(f, y, c, t):
+    u = len(y)
+    z = f.double()
+    z = z / z.norm(dim=1, keepdim=True)
+    s = z @ z.T / t
+    yy, cc = y.tolist() * 2, torch.cat([c, c]).double()
+    total = 0.0
+    for i in range(2 * u):
+        lp = ref_log_softmax_rows(s, i)
+        num = den = 0.0
+        for j in range(2 * u):
+            if j == i or yy[j] != yy[i]:
+                continue
+            w = 1.0 if j == (i + u) % (2 * u) else cc[i] * cc[j]
+            num = num + w * -lp[j]
+            den = den + w
+        total = total + num / den
+    return total / (2 * u)
+
+
+def ref_pair_product(f, y, w, t):
+    z = f.double()
+    z = z / z.norm(dim=1, keepdim=True)
+    s = z @ z.T / t
+    y, w = y.tolist(), w.double()
+    num = den = 0.0
+    for i in range(len(y)):
+        pos = [p for p in range(len(y)) if p != i and y[p] == y[i]]
+        if not pos:
+            continue
+        lp = ref_log_softmax_rows(s, i)
+        num = num + sum(w[i] * w[p] * -lp[p] for p in pos) / len(pos)
+        den = den + sum(w[i] * w[p] for p in pos) / len(pos)
+    return num / den
+
+
+def ref_simmatch(p_w, bank_logits, labels, alpha):
+    u, k = p_w.shape
+    ell = bank_logits.shape[1]
+    p_hat, q_hat = torch.zeros(u, k, dtype=torch.float64), torch.zeros(u, ell, dtype=torch.float64)
+    for b in range(u):
+        e = [math.exp(v) for v in bank_logits[b].double().tolist()]
+        q = [v / sum(e) for v in e]
+        un = [q[j] * float(p_w[b, labels[j]]) for j in range(ell)]
+        q_hat[b] = torch.tensor([v / sum(un) for v in un])
+        for kk in range(k):
+            a = sum(q[j] for j in range(ell) if labels[j] == kk)
+            p_hat[b, kk] = alpha * float(p_w[b, kk]) + (1 - alpha) * a
+    return p_hat, q_hat
+
+
+def peer_inputs(u, k, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(2 * u, d, generator=g)
+    y = torch.randint(0, k, (u,), generator=g)
+    c = torch.rand(u, generator=g)
+    return f, y, c
+
+
+@pytest.mark.parametrize("u, k", [(12, 10), (16, 100), (10, 3)])
+def test_ccssl_supcon_matches_reference_values_and_gradients(u, k):
+    f, y, c = peer_inputs(u, k, 8, seed=u + k)
+    f32 = f.clone().requires_grad_(True)
+    f64 = f.double().requires_grad_(True)
+    got = ccssl_supcon(f32, y, c, 0.07)
+    ref = ref_ccssl(f64, y, c, 0.07)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    got.backward()
+    ref.backward()
+    torch.testing.assert_close(f32.grad.double(), f64.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_ccssl_with_full_confidence_is_class_aware_supcon():
+    f, y, _ = peer_inputs(10, 3, 8, seed=1)
+    got = ccssl_supcon(f, y, torch.ones(10), 0.07)
+    ref = ref_supcon(f, torch.cat([y, y]), 0.07)  # every row has a positive: its other view
+    assert got.item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_ccssl_with_distinct_labels_is_instance_discrimination():
+    f, _, c = peer_inputs(6, 6, 8, seed=2)
+    y = torch.arange(6)
+    lp = _ref_log_prob(f, 0.07)
+    simclr = sum(-lp[i][(i + 6) % 12] for i in range(12)) / 12  # NT-Xent between the two views
+    assert ccssl_supcon(f, y, c, 0.07).item() == pytest.approx(simclr, rel=1e-5)
+
+
+@pytest.mark.parametrize("n, k", [(30, 10), (120, 100)])
+def test_pair_product_matches_reference(n, k):
+    g = torch.Generator().manual_seed(n)
+    f = torch.randn(n, 8, generator=g)
+    y = torch.randint(0, k // 3 + 2, (n,), generator=g)
+    w = torch.rand(n, generator=g)
+    f32, f64 = f.clone().requires_grad_(True), f.double().requires_grad_(True)
+    got = pair_weighted_supcon(f32, y, w, 0.1, pair="product")
+    ref = ref_pair_product(f64, y, w, 0.1)
+    torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    got.backward()
+    ref.backward()
+    torch.testing.assert_close(f32.grad.double(), f64.grad, rtol=1e-4, atol=1e-6)
+    assert abs(got - pair_weighted_supcon(f, y, w, 0.1)) > 1e-4  # and differs from geometric
+
+
+def test_pair_product_equals_geometric_for_0_1_weights():
+    g = torch.Generator().manual_seed(0)
+    f, y = torch.randn(40, 8, generator=g), torch.randint(0, 5, (40,), generator=g)
+    w = (torch.rand(40, generator=g) < 0.6).float()
+    torch.testing.assert_close(pair_weighted_supcon(f, y, w, pair="product"),
+                               pair_weighted_supcon(f, y, w, pair="geometric"))
+
+
+@pytest.mark.parametrize("u, k, ell", [(8, 10, 40), (6, 100, 200)])
+def test_simmatch_targets_match_reference(u, k, ell):
+    g = torch.Generator().manual_seed(k)
+    p_w = torch.softmax(torch.randn(u, k, generator=g) * 2, 1)
+    logits = torch.randn(u, ell, generator=g) * 5
+    labels = torch.arange(ell) % k
+    p_hat, q_hat = simmatch_targets(p_w, logits, labels, 0.9)
+    r_hat, r_q = ref_simmatch(p_w, logits, labels.tolist(), 0.9)
+    torch.testing.assert_close(p_hat.double(), r_hat, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(q_hat.double(), r_q, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(p_hat.sum(1), torch.ones(u))
+    torch.testing.assert_close(q_hat.sum(1), torch.ones(u))
+
+
+def test_simmatch_targets_properties():
+    g = torch.Generator().manual_seed(3)
+    p_w = torch.softmax(torch.randn(5, 4, generator=g), 1)
+    logits = torch.randn(5, 12, generator=g)
+    labels = torch.arange(12) % 4
+    assert torch.equal(simmatch_targets(p_w, logits, labels, alpha=1.0)[0], p_w)
+    same = torch.full((12,), 2)
+    p_hat, q_hat = simmatch_targets(p_w, logits, same, alpha=0.0)
+    torch.testing.assert_close(p_hat, torch.eye(4)[[2] * 5])  # every bank item has label 2
+    torch.testing.assert_close(q_hat, torch.softmax(logits, 1))  # unfolding by one class: q
+    zero = p_w.clone()
+    zero[0, 2] = 0.0  # row 0 gives nothing to the only bank label: falls back to q, no NaN
+    _, q_hat = simmatch_targets(zero / zero.sum(1, keepdim=True), logits, same, 0.5)
+    assert torch.isfinite(q_hat).all()
+    torch.testing.assert_close(q_hat[0], torch.softmax(logits[0], 0))
+
+
+def test_fixmatch_mask_masked_and_soft_cross_entropy_by_hand():
+    p = torch.tensor([[0.96, 0.04], [0.5, 0.5], [0.01, 0.99]])
+    mask, pl = fixmatch_mask(p, 0.95)
+    assert mask.tolist() == [1.0, 0.0, 1.0] and pl.tolist() == [0, 0, 1]
+    logits = torch.tensor([[2.0, 0.0], [1.0, 3.0], [0.5, -1.0]])
+    ce = [math.log(1 + math.exp(-2.0)), math.log(1 + math.exp(2.0)), math.log(1 + math.exp(1.5))]
+    assert masked_cross_entropy(logits, pl, mask).item() == pytest.approx((ce[0] + ce[2]) / 3)
+    onehot = torch.nn.functional.one_hot(pl, 2).float()
+    torch.testing.assert_close(soft_cross_entropy(logits, onehot), torch.tensor(ce))
+    big = torch.tensor([[1000.0, -1000.0]])  # log of a softmax would give -inf here
+    assert torch.isfinite(soft_cross_entropy(big, torch.tensor([[0.0, 1.0]]))).all()
+
+
+def test_distribution_alignment_by_hand():
+    p = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
+    mean = torch.tensor([0.5, 0.25, 0.25])
+    got = distribution_alignment(p, mean)
+    for b in range(2):
+        a = [p[b, k].item() / 3 / mean[k].item() for k in range(3)]
+        assert got[b].tolist() == pytest.approx([v / sum(a) for v in a])
+    torch.testing.assert_close(distribution_alignment(p, torch.full((3,), 1 / 3)), p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_peer_losses_compute_in_float32(dtype):
+    f, y, c = peer_inputs(8, 4, 8, seed=0)
+    assert ccssl_supcon(f.to(dtype), y, c).dtype == torch.float32
+    p_w = torch.softmax(torch.randn(8, 4), 1)
+    p_hat, q_hat = simmatch_targets(p_w.to(dtype), torch.randn(8, 6).to(dtype), torch.arange(6) % 4)
+    assert p_hat.dtype == q_hat.dtype == torch.float32
+    assert soft_cross_entropy(torch.randn(3, 4).to(dtype), torch.rand(3, 4)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("call", [
+    lambda: ccssl_supcon(torch.randn(7, 4), torch.zeros(4, dtype=torch.long), torch.ones(4)),
+    lambda: ccssl_supcon(torch.randn(8, 4), torch.zeros(4), torch.ones(4)),
+    lambda: ccssl_supcon(torch.randn(8, 4), torch.zeros(4, dtype=torch.long), torch.ones(3)),
+    lambda: ccssl_supcon(torch.randn(8, 4), torch.zeros(4, dtype=torch.long), torch.full((4,), 2.0)),
+    lambda: simmatch_targets(torch.full((2, 3), 1 / 3), torch.randn(2, 5), torch.arange(4)),
+    lambda: simmatch_targets(torch.full((2, 3), 1 / 3), torch.randn(3, 5), torch.arange(5) % 3),
+    lambda: simmatch_targets(torch.full((2, 3), 1 / 3), torch.randn(2, 5), torch.arange(5)),
+    lambda: simmatch_targets(torch.full((2, 3), 1 / 3), torch.randn(2, 5), torch.arange(5) % 3, 2.0),
+    lambda: pair_weighted_supcon(torch.randn(4, 3), torch.zeros(4, dtype=torch.long),
+                                 torch.ones(4), pair="arithmetic"),
+    lambda: masked_cross_entropy(torch.randn(3, 2), torch.zeros(2, dtype=torch.long), torch.ones(3)),
+    lambda: soft_cross_entropy(torch.randn(3, 2), torch.rand(3, 3)),
+    lambda: distribution_alignment(torch.rand(3, 2), torch.rand(3)),
+    lambda: fixmatch_mask(torch.rand(3, 2) + 1, 0.95),
+])
+def test_peer_losses_bad_input(call):
+    with pytest.raises(ValueError):
+        call()

@@ -22,6 +22,7 @@ slot and each op runs on its own contiguous slice, since the sort's one sync cos
 """
 import functools
 import os
+import shutil
 import socket
 
 import numpy as np
@@ -54,11 +55,14 @@ def load_cifar(name: str, data_dir: str) -> dict:
     advice = (f"Download {CIFAR_URLS[name]} and extract it into {os.path.abspath(data_dir)} (so "
               f"that {folder}/ exists), then run again with --data-dir {data_dir}")
     if not os.path.isdir(folder):
+        created = not os.path.exists(data_dir)
         old_timeout = socket.getdefaulttimeout()
         socket.setdefaulttimeout(60)  # a blocked network should fail, not hang
         try:
             cls(data_dir, train=True, download=True)
         except Exception as e:  # noqa: BLE001 - any download failure gets the same advice
+            if created:  # leave nothing behind: no empty folder, no partial archive
+                shutil.rmtree(data_dir, ignore_errors=True)
             raise RuntimeError(f"{name} is not in {os.path.abspath(data_dir)} and could not be "
                                f"downloaded ({type(e).__name__}: {e}). {advice}") from None
         finally:
@@ -75,20 +79,41 @@ def load_cifar(name: str, data_dir: str) -> dict:
             "classes": list(train.classes), "num_classes": len(train.classes)}
 
 
+MIN_SIZE = 5  # the weak augmentation's 4-pixel reflect padding needs images of at least 5 x 5
+NPZ_HELP = ("expected an archive written by np.savez(path, x_train=..., y_train=..., x_test=..., "
+            "y_test=..., classes=...)")
+
+
+def _npz_member(f, path: str, key: str) -> np.ndarray:
+    """One array of an open .npz, with every way of failing turned into a ValueError."""
+    try:
+        return f[key]
+    except ValueError as e:  # allow_pickle=False refuses object arrays
+        raise ValueError(f"{path}: array {key!r} cannot be read without pickle ({e}); store it as "
+                         f"plain numbers or strings, e.g. np.array(names, dtype=str)") from None
+    except Exception as e:  # noqa: BLE001 - zipfile.BadZipFile (bad CRC), EOFError, OSError ...
+        raise ValueError(f"{path}: array {key!r} is corrupt ({type(e).__name__}: {e}); "
+                         f"write the file again") from None
+
+
 def load_npz(path: str) -> dict:
     """A dataset as arrays x_train (N,H,W,3) uint8, y_train (N,) int in [0,K), x_test, y_test,
     optional classes. Every inconsistency is a ValueError that says what to fix."""
+    if os.path.isdir(path):
+        raise ValueError(f"npz dataset {path!r} is a directory; {NPZ_HELP}")
     if not os.path.isfile(path):
         raise ValueError(f"npz dataset {path!r} does not exist")
     try:
         f = np.load(path, allow_pickle=False)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"cannot read {path!r} as an .npz file: {e}") from None
+    except Exception:  # noqa: BLE001 - numpy's own message here is misleading ("pickled data")
+        raise ValueError(f"{path!r} is not an .npz archive; {NPZ_HELP}") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path!r} is a single .npy array, not an .npz archive; {NPZ_HELP}")
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
     if missing:
         raise ValueError(f"{path}: missing arrays {missing}; expected x_train, y_train, x_test, "
                          "y_test (and optional classes)")
-    d = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    d = {k: _npz_member(f, path, k) for k in ("x_train", "y_train", "x_test", "y_test")}
     for split in ("train", "test"):
         x, y = d[f"x_{split}"], d[f"y_{split}"]
         if x.ndim != 4 or x.shape[-1] != 3:
@@ -102,15 +127,21 @@ def load_npz(path: str) -> dict:
             raise ValueError(f"{path}: y_{split} must be integers, got {y.dtype}")
         if len(x) == 0:
             raise ValueError(f"{path}: x_{split} is empty")
+        if min(x.shape[1:3]) < MIN_SIZE:
+            raise ValueError(f"{path}: images are {x.shape[1]} x {x.shape[2]}; the augmentation "
+                             f"needs at least {MIN_SIZE} x {MIN_SIZE} pixels")
     if d["x_train"].shape[1:] != d["x_test"].shape[1:]:
         raise ValueError(f"{path}: train and test images differ in size: "
                          f"{d['x_train'].shape[1:]} vs {d['x_test'].shape[1:]}")
-    classes = [str(c) for c in f["classes"]] if "classes" in f.files else None
+    classes = [str(c) for c in _npz_member(f, path, "classes")] if "classes" in f.files else None
     k = len(classes) if classes is not None else int(d["y_train"].max()) + 1
     for split in ("train", "test"):
         y = d[f"y_{split}"]
         if y.min() < 0 or y.max() >= k:
             raise ValueError(f"{path}: y_{split} must lie in [0, {k}), found {y.min()}..{y.max()}")
+    if len(np.unique(d["y_train"])) < 2:
+        raise ValueError(f"{path}: y_train holds a single class; classification needs at least 2 "
+                         f"(a 1-class run would report a meaningless 100 %)")
     d["y_train"], d["y_test"] = d["y_train"].astype(np.int64), d["y_test"].astype(np.int64)
     d["classes"] = classes or [str(i) for i in range(k)]
     d["num_classes"] = k

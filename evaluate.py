@@ -31,19 +31,17 @@ def read_checkpoint(path: str) -> tuple[dict, str]:
     files = [f for f in files if os.path.exists(f)]
     if not files:
         raise CheckpointError(f"no checkpoint found at {path}")
-    problems = []
     for f in files:
         try:
             return torch.load(f, map_location="cpu", weights_only=True), f
-        except Exception as e:  # noqa: BLE001 - truncated, corrupt or unsafe: all the same to us
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            problems.append(f"{f} ({msg[:160]})")
+        except Exception:  # noqa: BLE001 - truncated, corrupt or unsafe: all the same to us
             if len(files) > 1 and f != files[-1]:
-                print(f"warning: checkpoint {f} is unreadable ({msg[:160]}); "
+                print(f"warning: checkpoint {f} is unreadable (truncated or corrupt); "
                       f"falling back to {files[files.index(f) + 1]}", file=sys.stderr)
-    raise CheckpointError("no readable checkpoint: " + "; ".join(problems) +
-                          ". It is truncated, corrupt or not a plain-tensor checkpoint; delete it "
-                          "to start the run over")
+    names = " and ".join(files)
+    raise CheckpointError(f"no readable checkpoint: {names} {'are' if len(files) > 1 else 'is'} "
+                          f"truncated, corrupt or not a plain-tensor checkpoint; delete "
+                          f"{'them' if len(files) > 1 else 'it'} to start the run over")
 
 
 @torch.no_grad()
@@ -66,23 +64,51 @@ def accuracy(model, x_u8, y, normalize, batch_size: int = 1024) -> float:
     return (predict_all(model, x_u8, normalize, batch_size) == y).float().mean().item()
 
 
-def evaluate_checkpoint(path: str, per_class: bool = False, data_dir: str | None = None,
-                        device: str = "cpu") -> dict:
-    import data
+def resolve_dataset(a: dict, state: dict, dataset: str | None, data_dir: str | None
+                    ) -> tuple[str, str]:
+    """The run's dataset and data dir, found from any working directory: a relative path that
+    does not exist from here is taken relative to where the run was started (state["cwd"]).
+    --dataset / --data-dir override a moved dataset."""
+    def here_or_there(path: str) -> str:
+        if os.path.isabs(path) or os.path.exists(path) or "cwd" not in state:
+            return path
+        return os.path.join(state["cwd"], path)
+    name = dataset or a["dataset"]
+    if name.startswith("npz:"):
+        name = "npz:" + here_or_there(name[4:])
+    return name, data_dir or here_or_there(a["data_dir"])
+
+
+def load_run_model(state: dict, num_classes: int, device: str):
+    """The EMA model of a checkpoint, as the run built it."""
     from model import Encoder
-    state, f = read_checkpoint(path)
     a = state["args"]
-    ds = data.load_dataset(a["dataset"], data_dir or a["data_dir"])
     classifier = any(k.startswith("classifier.") for k in state["ema"])  # a peer method's run
     # runs from before --wrn-variant existed used the TensorFlow-original network
-    model = Encoder(ds["num_classes"], a["arch"], classifier=classifier,
+    model = Encoder(num_classes, a["arch"], classifier=classifier,
                     variant=a.get("wrn_variant", "tf")).to(device)
     model.load_state_dict(state["ema"])
+    return model
+
+
+def evaluate_checkpoint(path: str, per_class: bool = False, data_dir: str | None = None,
+                        device: str = "cpu", dataset: str | None = None) -> dict:
+    import data
+    state, f = read_checkpoint(path)
+    a = state["args"]
+    name, ddir = resolve_dataset(a, state, dataset, data_dir)
+    ds = data.load_dataset(name, ddir)
+    k_ckpt = len(state.get("classes") or []) or None
+    if k_ckpt is not None and k_ckpt != ds["num_classes"]:
+        raise ValueError(f"{name} has {ds['num_classes']} classes but the run in {f} was trained "
+                         f"on {k_ckpt}; pass the run's dataset with --dataset / --data-dir")
+    model = load_run_model(state, ds["num_classes"], device)
     x = data.to_tensor_images(ds["x_test"], device)
     y = torch.from_numpy(ds["y_test"]).to(device)
     norm = data.Normalize(state["mean"], state["std"], device)
     pred = predict_all(model, x, norm)
-    out = {"checkpoint": f, "step": state["step"], "top1": (pred == y).float().mean().item()}
+    out = {"checkpoint": f, "step": state["step"], "top1": (pred == y).float().mean().item(),
+           "dataset": name, "n_test": len(y)}
     if per_class:
         k = ds["num_classes"]
         out["classes"] = list(ds["classes"])
@@ -94,16 +120,47 @@ def evaluate_checkpoint(path: str, per_class: bool = False, data_dir: str | None
     return out
 
 
+# ---------------------------------------------------------------- tables
+
+# Settings that do not change what is measured: runs that differ only in these (and the seed)
+# are seeds of one experiment. Every other setting, including flags added later, separates rows.
+NOT_CONFIG = {"seed", "out", "data_dir", "device", "log_every", "eval_every", "save_every",
+              "compile", "eval_batch_size", "tensorboard", "amp", "channels_last",
+              "skip_nonfinite", "debug_nan_step", "out_created"}
+# the protocol of [N&O] Table 1 (SPEC 7); a run at another setting of these is its own row
+PROTOCOL = {"epochs": 256, "steps_per_epoch": 1024, "batch_size": 64, "mu": 7, "lr": 0.03,
+            "arch": "wrn-28-2", "threshold": 0.95, "ema_decay": 0.999}
+CELLS = [("cifar10", 4), ("cifar10", 25), ("cifar100", 4), ("cifar100", 25)]
+# SPEC 9: accuracy %, in CELLS order (CIFAR-10 40 / 250 labels, CIFAR-100 400 / 2500, WRN-28-8)
+PEER_PUBLISHED = {
+    "fixmatch": ([86.19, 94.93, 51.15, 71.71], "FixMatch (RA), SimMatch paper Table 1"),
+    "ccssl": ([90.83, 94.86, 61.19, 75.7], "CCSSL authors' README"),
+    "simmatch": ([94.40, 95.16, 62.19, 74.93], "SimMatch paper, Table 1"),
+    "base": ([PAPER[c][0] for c in CELLS], "[N&O] Table 1, WRN-28-2"),
+    "entropy": ([PAPER[c][1] for c in CELLS], "[N&O] Table 1, WRN-28-2"),
+}
+
+
+def config_key(a: dict) -> tuple:
+    return tuple(sorted((k, repr(v)) for k, v in a.items() if k not in NOT_CONFIG))
+
+
 def collect_results(results_dir: str) -> dict:
-    """{(dataset, labels_per_class, loss): [final accuracy of each seed, in %]} from result.json files."""
-    cells = {}
+    """{configuration without the seed: (args of one run, [final accuracy % of each seed])} from
+    every readable result.json below results_dir; unreadable ones are skipped with a warning."""
+    groups = {}
     for f in sorted(glob.glob(os.path.join(results_dir, "**", "result.json"), recursive=True)):
-        with open(f) as fh:
-            r = json.load(fh)
-        a = r["args"]
-        cells.setdefault((a["dataset"], a["labels_per_class"], a["loss"]), []).append(
-            100.0 * r["final_acc"])
-    return cells
+        try:
+            with open(f) as fh:
+                r = json.load(fh)
+            a, acc = r["args"], 100.0 * float(r["final_acc"])
+            a["dataset"], a["labels_per_class"], a["loss"]  # noqa: B018 - required keys
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"warning: skipping {f}: unreadable or incomplete ({type(e).__name__}: {e})",
+                  file=sys.stderr)
+            continue
+        groups.setdefault(config_key(a), (a, []))[1].append(acc)
+    return groups
 
 
 def format_cell(vals: list[float] | None) -> str:
@@ -114,20 +171,85 @@ def format_cell(vals: list[float] | None) -> str:
     return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f} ({len(vals)} seeds)"
 
 
+def at_protocol(a: dict) -> bool:
+    return all(a.get(k) == v for k, v in PROTOCOL.items())
+
+
+def differing(a: dict, others: list[dict]) -> str:
+    """The settings of run a that differ from the paper protocol or from the other rows of its
+    cell, as flags."""
+    keys = {k for k, v in PROTOCOL.items() if a.get(k) != v}
+    keys |= {k for b in others for k in set(a) | set(b)
+             if k not in NOT_CONFIG and a.get(k) != b.get(k)}
+    return " ".join(f"--{k.replace('_', '-')} {a.get(k)}" for k in sorted(keys)) or "-"
+
+
 def table1(results_dir: str) -> str:
-    cells = collect_results(results_dir)
+    """Table 1 (paper protocol, one configuration per cell), the peers beside their published
+    numbers, and every other configuration or dataset as its own row."""
+    groups = collect_results(results_dir)
+    paper = {}  # (dataset, n, loss) -> [group keys at the paper protocol]
+    for key, (a, _) in groups.items():
+        if (a["dataset"], a["labels_per_class"]) in CELLS and at_protocol(a):
+            paper.setdefault((a["dataset"], a["labels_per_class"], a["loss"]), []).append(key)
+    used = {keys[0] for keys in paper.values() if len(keys) == 1}
+
+    def cell(ds, n, loss):
+        keys = paper.get((ds, n, loss), [])
+        if len(keys) > 1:
+            return f"{len(keys)} configurations, see below"
+        return format_cell(groups[keys[0]][1] if keys else None)
+
     lines = ["| dataset | labels/class | base [G] (paper) | base [G] (ours) | "
-             "w.ent [N&O] (paper) | w.ent [N&O] (ours) |",
-             "|---|---|---|---|---|---|"]
-    for (ds, n), (p_base, p_ent) in PAPER.items():
-        name = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}[ds]
-        lines.append(f"| {name} | {n} | {p_base:.2f} | {format_cell(cells.get((ds, n, 'base')))} | "
-                     f"{p_ent:.2f} | {format_cell(cells.get((ds, n, 'entropy')))} |")
-    extra = sorted(k for k in cells if (k[0], k[1]) not in PAPER)
-    for ds, n, loss in extra:
-        lines.append(f"| {ds} | {n} | {loss}: {format_cell(cells[(ds, n, loss)])} | | | |")
-    return "\n".join(lines) + ("\n\nTop-1 test accuracy (%) of the EMA model at the end of "
-                               "training; mean ± std over seeds.\n")
+             "w.ent [N&O] (paper) | w.ent [N&O] (ours) |", "|---|---|---|---|---|---|"]
+    for ds, n in CELLS:
+        p_base, p_ent = PAPER[(ds, n)]
+        lines.append(f"| {NAMES[ds]} | {n} | {p_base:.2f} | {cell(ds, n, 'base')} | {p_ent:.2f} | "
+                     f"{cell(ds, n, 'entropy')} |")
+    lines.append("\nTop-1 test accuracy (%) of the EMA model at the end of training, mean ± std "
+                 "over seeds; runs at the paper's protocol (256 x 1024 steps, B 64, mu 7, "
+                 "WRN-28-2).\n")
+    methods = sorted({a["loss"] for a, _ in groups.values()} - {"base", "entropy"})
+    if methods:
+        lines += peer_table(methods, cell)
+    rest = [k for k in groups if k not in used]
+    if rest:
+        lines += other_rows(groups, rest)
+    return "\n".join(lines) + "\n"
+
+
+NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+
+
+def peer_table(methods: list[str], cell) -> list[str]:
+    head = " | ".join(f"{NAMES[ds]} {n * (10 if ds == 'cifar10' else 100)} labels: ours / "
+                      f"published" for ds, n in CELLS)
+    lines = ["### Every method under one protocol", "", f"| method | {head} | published source |",
+             "|---|" + "---|" * (len(CELLS) + 1)]
+    for m in ["base", "entropy"] + methods:
+        pub, src = PEER_PUBLISHED.get(m, ([None] * 4, "-"))
+        vals = " | ".join(f"{cell(ds, n, m)} / {'-' if p is None else p}"
+                          for (ds, n), p in zip(CELLS, pub))
+        lines.append(f"| {m} | {vals} | {src} |")
+    lines.append("\nPublished numbers come from other codebases and protocols; the CIFAR-100 "
+                 "peer numbers used WRN-28-8 (ours: WRN-28-2).\n")
+    return lines
+
+
+def other_rows(groups: dict, keys: list) -> list[str]:
+    lines = ["### Other configurations and datasets", "",
+             "| dataset | labels/class | method | settings that differ | top-1 (%) |",
+             "|---|---|---|---|---|"]
+    rows = []
+    for key in keys:
+        a, vals = groups[key]
+        same = [groups[k][0] for k in groups if k != key and
+                (groups[k][0]["dataset"], groups[k][0]["labels_per_class"], groups[k][0]["loss"])
+                == (a["dataset"], a["labels_per_class"], a["loss"])]
+        rows.append((a["dataset"], a["labels_per_class"], a["loss"], differing(a, same),
+                     format_cell(vals)))
+    lines += [f"| {d} | {n} | {m} | {diff} | {v} |" for d, n, m, diff, v in sorted(rows, key=str)]
+    return lines
 
 
 # ---------------------------------------------------------------- plots (matplotlib: optional)
@@ -275,8 +397,12 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("path", nargs="?", help="a run directory (OUT/) or a checkpoint file")
     p.add_argument("--per-class", action="store_true", help="also print per-class accuracy")
-    p.add_argument("--data-dir", default=None, help="override the data dir stored in the run")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data-dir", default=None,
+                   help="where the dataset is, if it moved since training (default: the run's)")
+    p.add_argument("--dataset", default=None,
+                   help="the run's dataset at a new place, e.g. npz:/new/path.npz (default: the run's)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device to evaluate on (default: cuda if available, else cpu)")
     p.add_argument("--table", metavar="RESULTS_DIR",
                    help="write RESULTS_DIR/table1.md from every result.json below it and print it")
     p.add_argument("--plot", nargs="+", metavar="RUN",
@@ -304,17 +430,20 @@ def main(argv=None) -> None:
         if not os.path.isdir(args.table):
             p.error(f"--table: {args.table} is not a directory")
         md = table1(args.table)
-        with open(os.path.join(args.table, "table1.md"), "w") as fh:
+        path = os.path.join(args.table, "table1.md")
+        with open(path + ".tmp", "w") as fh:
             fh.write(md)
+        os.replace(path + ".tmp", path)
         print(md)
         return
     if not args.path:
         p.error("give a run directory or checkpoint file, or --table RESULTS_DIR")
     try:
-        r = evaluate_checkpoint(args.path, args.per_class, args.data_dir, args.device)
+        r = evaluate_checkpoint(args.path, args.per_class, args.data_dir, args.device, args.dataset)
     except (CheckpointError, ValueError, RuntimeError) as e:
         sys.exit(f"evaluate.py: error: {e}")
-    print(f"{r['checkpoint']} (step {r['step']}): top-1 accuracy {100 * r['top1']:.2f} %")
+    print(f"{r['checkpoint']} (step {r['step']}): top-1 accuracy {100 * r['top1']:.2f} % on the "
+          f"{r['n_test']} test images of {r['dataset']}")
     if args.per_class:
         print_per_class(r, args.path)
 

@@ -1,42 +1,56 @@
 #!/usr/bin/env bash
-# Every Table 1 cell of [N&O]: {cifar10, cifar100} x {4, 25 labels/class} x {base, entropy}
-# for each seed in SEEDS, then the table (OUT_DIR/table1.md).
+# Every Table 1 cell of [N&O]: {cifar10, cifar100} x {4, 25 labels/class} x METHODS
+# for each seed in SEEDS, then the tables (OUT_DIR/table1.md).
 # A finished run (result.json present) is skipped; an unfinished one resumes from its checkpoint.
 #
-#   bash run_all.sh                               # the paper's protocol, seed 0
+#   bash run_all.sh                               # the paper's protocol, base and entropy, seed 0
 #   SEEDS="0 1 2" bash run_all.sh                 # three seeds
+#   METHODS="fixmatch ccssl simmatch base entropy" bash run_all.sh   # the peers too
 #   EPOCHS=16 EXTRA_ARGS="--compile" bash run_all.sh
 #   DRY_RUN=1 bash run_all.sh                     # print the commands only
 set -euo pipefail
 cd "$(dirname "$0")"
 
 SEEDS=${SEEDS:-0}                 # seeds to run
+METHODS=${METHODS:-base entropy}  # --loss values: base entropy fixmatch ccssl simmatch
 EPOCHS=${EPOCHS:-256}             # epochs of 1024 steps (the paper: 256)
 DATA_DIR=${DATA_DIR:-data}        # CIFAR is downloaded here on first use
 OUT_DIR=${OUT_DIR:-results}       # one sub-directory per run, plus table1.md
-EXTRA_ARGS=${EXTRA_ARGS:-}        # passed to every train.py call
+EXTRA_ARGS=${EXTRA_ARGS:-}        # passed to every train.py call (split on spaces)
 PYTHON=${PYTHON:-python}
 DRY_RUN=${DRY_RUN:-0}
+
+# shellcheck disable=SC2206  # EXTRA_ARGS is a list of flags: split on purpose
+extra=($EXTRA_ARGS)
+
+show() {  # print a command with every argument shell-quoted, so it can be pasted back
+  printf '%q ' "$@"
+  echo
+}
 
 for seed in $SEEDS; do
   for dataset in cifar10 cifar100; do
     for n in 4 25; do
-      for loss in base entropy; do
+      for loss in $METHODS; do
         out="$OUT_DIR/${dataset}_${n}_${loss}_s${seed}"
-        cmd="$PYTHON train.py --dataset $dataset --labels-per-class $n --loss $loss --seed $seed --epochs $EPOCHS --data-dir $DATA_DIR --out $out $EXTRA_ARGS"
+        cmd=("$PYTHON" train.py --dataset "$dataset" --labels-per-class "$n" --loss "$loss"
+             --seed "$seed" --epochs "$EPOCHS" --data-dir "$DATA_DIR" --out "$out" "${extra[@]}")
         if [ "$DRY_RUN" = 1 ]; then
-          echo "$cmd"
+          show "${cmd[@]}"
         elif [ -f "$out/result.json" ]; then
           echo "skip (finished): $out"
         else
-          echo "run: $cmd"
-          $cmd
+          echo "run: $(show "${cmd[@]}")"
+          "${cmd[@]}"
         fi
       done
     done
   done
 done
 
-if [ "$DRY_RUN" != 1 ]; then
-  $PYTHON evaluate.py --table "$OUT_DIR"
+table=("$PYTHON" evaluate.py --table "$OUT_DIR")
+if [ "$DRY_RUN" = 1 ]; then
+  show "${table[@]}"
+else
+  "${table[@]}"
 fi

@@ -1,6 +1,7 @@
 """train.py / evaluate.py / run_all.sh end to end on a tiny synthetic dataset (CPU, seconds)."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -85,12 +86,11 @@ def test_evaluate_cli_and_table(tiny_npz, tmp_path):
     # a CIFAR-looking result.json to fill one Table 1 cell; the rest must say "not run"
     fake = tmp_path / "results" / "cifar10_4_base_s0"
     fake.mkdir()
-    (fake / "result.json").write_text(json.dumps(
-        {"final_acc": 0.9, "args": {"dataset": "cifar10", "labels_per_class": 4, "loss": "base"}}))
+    cell = dict(evaluate.PROTOCOL, dataset="cifar10", labels_per_class=4, loss="base")
+    (fake / "result.json").write_text(json.dumps({"final_acc": 0.9, "args": dict(cell, seed=0)}))
     fake2 = tmp_path / "results" / "cifar10_4_base_s1"
     fake2.mkdir()
-    (fake2 / "result.json").write_text(json.dumps(
-        {"final_acc": 0.92, "args": {"dataset": "cifar10", "labels_per_class": 4, "loss": "base"}}))
+    (fake2 / "result.json").write_text(json.dumps({"final_acc": 0.92, "args": dict(cell, seed=1)}))
     evaluate.main(["--table", str(tmp_path / "results")])
     md = (tmp_path / "results" / "table1.md").read_text()
     row = [l for l in md.splitlines() if l.startswith("| CIFAR-10 | 4 |")][0]
@@ -111,10 +111,10 @@ def test_run_all_dry_run_lists_the_8_cells(tmp_path):
                        env=env)
     assert p.returncode == 0, p.stderr
     cmds = p.stdout.strip().splitlines()
-    assert len(cmds) == 8
+    assert len(cmds) == 9 and shlex.split(cmds[-1])[1:] == ["evaluate.py", "--table", str(tmp_path)]
     cells = set()
-    for c in cmds:
-        a = c.split()
+    for c in cmds[:-1]:
+        a = shlex.split(c)
         assert a[1] == "train.py" and "--compile" in a and a[a.index("--epochs") + 1] == "3"
         cells.add((a[a.index("--dataset") + 1], a[a.index("--labels-per-class") + 1],
                    a[a.index("--loss") + 1]))
@@ -124,7 +124,43 @@ def test_run_all_dry_run_lists_the_8_cells(tmp_path):
     env["SEEDS"] = "0 1"
     p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], capture_output=True, text=True,
                        env=env)
-    assert len(p.stdout.strip().splitlines()) == 16
+    assert len(p.stdout.strip().splitlines()) == 17
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# stands in for python: train.py writes a result.json at the paper protocol, the rest is real
+if [ "$1" = train.py ]; then
+  shift
+  while [ $# -gt 0 ]; do
+    case $1 in --out) out=$2;; --dataset) ds=$2;; --labels-per-class) n=$2;; --loss) loss=$2;;
+               --seed) seed=$2;; esac
+    shift
+  done
+  mkdir -p "$out"
+  echo "{\\"final_acc\\": 0.5, \\"args\\": {\\"dataset\\": \\"$ds\\", \\"labels_per_class\\": $n, \\"loss\\": \\"$loss\\", \\"seed\\": $seed, PROTOCOL}}" > "$out/result.json"
+else
+  exec "$REAL_PYTHON" "$@"
+fi
+"""
+
+
+def test_run_all_with_a_space_in_out_dir_and_methods(tmp_path):
+    fake = tmp_path / "fake python"
+    protocol = json.dumps(evaluate.PROTOCOL)[1:-1]
+    fake.write_text(FAKE_PYTHON.replace("PROTOCOL", protocol.replace('"', '\\"')))
+    fake.chmod(0o755)
+    out = tmp_path / "my results"
+    env = dict(os.environ, SEEDS="0 1", OUT_DIR=str(out), PYTHON=str(fake),
+               REAL_PYTHON=sys.executable, METHODS="fixmatch entropy")
+    p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], capture_output=True, text=True,
+                       env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr + p.stdout
+    assert len(list(out.glob("*/result.json"))) == 16
+    md = (out / "table1.md").read_text()
+    assert "50.00 ± 0.00 (2 seeds)" in md and "| fixmatch | 50.00 ± 0.00 (2 seeds) / 86.19" in md
+    p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], capture_output=True, text=True,
+                       env=env, cwd=tmp_path)
+    assert p.stdout.count("skip (finished)") == 16
 
 
 @pytest.mark.parametrize("bad", [

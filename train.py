@@ -50,15 +50,22 @@ METHOD_FLAGS = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" except where the default is None: those flags resolve their default
+    from others, and their help text says how."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def get_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     # data
     a("--dataset", default="cifar10", help="cifar10, cifar100 or npz:PATH (see data.load_npz)")
     a("--data-dir", default="data", help="where CIFAR is (or is downloaded to)")
     a("--labels-per-class", type=int, default=4, help="labeled images per class")
-    a("--seed", type=int, default=0, help="seed of the split, initialisation and augmentation")
+    a("--seed", type=int, default=0, help="seed (>= 0) of the split, initialisation and augmentation")
     # method
     a("--loss", choices=list(methods.STEPS), default="entropy",
       help="base = [G] Eqs. (5)-(7); entropy = [N&O] Eqs. (8)-(14); fixmatch, ccssl, simmatch = "
@@ -115,12 +122,14 @@ def get_args(argv=None) -> argparse.Namespace:
       help="usb = [G]'s network (USB's wrn_28_2); tf = FixMatch's TensorFlow original")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     a("--amp", action=argparse.BooleanOptionalAction, default=None,
-      help="autocast (bf16, or fp16 + GradScaler where bf16 is unsupported); default on for CUDA")
+      help="autocast (bf16, or fp16 + GradScaler where bf16 is not native); default: on for "
+           "CUDA, off for CPU")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--channels-last", action=argparse.BooleanOptionalAction, default=True,
       help="channels_last memory format for the model and its inputs")
-    a("--out", default=None, help="output dir; default runs/DATASET_LABELS_LOSS_sSEED")
-    a("--eval-every", type=int, default=1, help="evaluate, log metrics and checkpoint every N epochs")
+    a("--out", default=None, help="output dir (default: runs/DATASET_LABELS_LOSS_sSEED)")
+    a("--eval-every", type=int, default=1,
+      help="evaluate, log metrics and checkpoint every N epochs (at most --epochs)")
     a("--log-every", type=int, default=100, help="progress line every N steps")
     a("--tensorboard", action="store_true",
       help="also write TensorBoard scalars to OUT/tb (needs: pip install tensorboard)")
@@ -178,8 +187,14 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--bn-momentum must be in (0, 1], got {args.bn_momentum}")
     if args.wd is None:
         args.wd = PAPER_WD.get(args.dataset, 5e-4)
-    if args.wd < 0:
-        p.error(f"--wd must be >= 0, got {args.wd}")
+    if not (args.wd >= 0 and math.isfinite(args.wd)):
+        p.error(f"--wd must be a finite number >= 0, got {args.wd}")
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0 (numpy and torch generators take non-negative seeds), "
+                f"got {args.seed}")
+    if args.eval_every > args.epochs:
+        p.error(f"--eval-every {args.eval_every} is larger than --epochs {args.epochs}: the run "
+                f"would be evaluated only once, at the end; use --eval-every <= {args.epochs}")
     if args.loss == "entropy":
         if args.entropy_ratio is None:
             args.entropy_ratio = PAPER_BETA.get((args.dataset, args.labels_per_class))
@@ -212,6 +227,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         name = (os.path.splitext(os.path.basename(args.dataset[4:]))[0]
                 if args.dataset.startswith("npz:") else args.dataset)
         args.out = os.path.join("runs", f"{name}_{args.labels_per_class}_{args.loss}_s{args.seed}")
+    args.out_created = not os.path.exists(args.out)  # removed again if the run fails at once
     try:
         os.makedirs(args.out, exist_ok=True)
         probe = os.path.join(args.out, ".write_test")
@@ -375,7 +391,7 @@ class Run:
                   f"({self.skipped} of at most {a.skip_nonfinite})", flush=True)
             if self.skipped > a.skip_nonfinite:
                 fail(f"more than --skip-nonfinite={a.skip_nonfinite} non-finite losses; last at "
-                     f"step {self.step + 1}. The last good checkpoint in {a.out} is kept.")
+                     f"step {self.step + 1}; {self.kept()}")
             self.opt.zero_grad(set_to_none=True)
             self.step += 1
             return
@@ -402,16 +418,22 @@ class Run:
         count, first = self.nonfinite.tolist()
         if count:
             fail(f"non-finite loss at step {int(first)} (loss = {self.bad_loss.item()}, "
-                 f"{int(count)} non-finite step(s) since); stopped without saving, the last good "
-                 f"checkpoint in {self.args.out} is kept. Lower --lr, try --no-amp, or pass "
-                 f"--skip-nonfinite N to skip such steps")
+                 f"{int(count)} non-finite step(s) since); stopped without saving, "
+                 f"{self.kept()}. Lower --lr, try --no-amp, or pass --skip-nonfinite N to skip "
+                 f"such steps")
+
+    def kept(self) -> str:
+        """What a failing run leaves behind, said truthfully."""
+        if os.path.exists(os.path.join(self.args.out, "last.pt")):
+            return f"the last good checkpoint in {self.args.out} is kept"
+        return f"no checkpoint had been written yet in {self.args.out}"
 
     # ---------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict:
         a = self.args
         return {
-            "format": 1, "step": self.step, "args": vars(a),
+            "format": 1, "step": self.step, "args": public_args(a), "cwd": os.getcwd(),
             "device_type": self.dev.type, "amp_dtype": str(self.amp_dtype),
             "model": self.model.state_dict(), "ema": self.ema.state_dict(),
             "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
@@ -489,14 +511,25 @@ class Run:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-        except OSError as e:
-            if os.path.exists(tmp):
+        except Exception as e:  # noqa: BLE001 - torch.save reports a full disk as RuntimeError
+            try:
                 os.remove(tmp)
-            fail(f"could not write checkpoint {path}: {e.strerror or e} (disk full or not "
-                 f"writable?); the previous checkpoint is kept")
+            except OSError:
+                pass
+            reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0][:120]
+            fail(f"could not write checkpoint {path}: {reason} (disk full or not writable?); "
+                 f"{self.kept().replace('last good', 'previous')}. Free space and run the same "
+                 f"command again to resume")
 
 
 # ---------------------------------------------------------------- logging
+
+HIDDEN_ARGS = ("debug_nan_step", "out_created")  # test-only fault injection, bookkeeping
+
+
+def public_args(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in HIDDEN_ARGS}
+
 
 def append_jsonl(path: str, record: dict) -> None:
     with open(path, "a") as fh:
@@ -507,10 +540,18 @@ def truncate_metrics(path: str, step: int) -> None:
     """On resume, drop metrics logged after the checkpoint (they will be logged again)."""
     if not os.path.exists(path):
         return
+    keep = []
     with open(path) as fh:
-        keep = [l for l in fh if l.strip() and json.loads(l)["step"] <= step]
-    with open(path, "w") as fh:
+        for line in fh:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                pass  # a line torn by a crash during the append: dropped, logged again
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
         fh.writelines(keep)
+    os.replace(tmp, path)
 
 
 def per_class_pl(confusion: torch.Tensor) -> dict:
@@ -574,7 +615,7 @@ def write_result(run: Run) -> dict:
     h = run.history
     res = {"final_acc": h[-1], "median_last20_acc": statistics.median(h[-20:]), "best_acc": max(h),
            "evaluations": len(h), "steps": run.step, "wall_time_s": round(run.elapsed, 1),
-           "device": device_name(run.dev), "versions": versions(), "args": vars(run.args)}
+           "device": device_name(run.dev), "versions": versions(), "args": public_args(run.args)}
     tmp = os.path.join(run.args.out, "result.json.tmp")
     with open(tmp, "w") as fh:
         json.dump(res, fh, indent=1)
@@ -586,14 +627,13 @@ def write_result(run: Run) -> dict:
 
 def main(argv=None) -> dict:
     args = get_args(argv)
-    run = Run(args)
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
     try:
-        state, f = read_checkpoint(args.out)
-    except CheckpointError as e:
-        if any(os.path.exists(os.path.join(args.out, n)) for n in ("last.pt", "prev.pt")):
-            fail(str(e))
-        state = None
+        run = Run(args)
+        state, f = load_checkpoint(args.out)
+    except SystemExit:
+        remove_if_empty(args)
+        raise
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
     if state is not None:
         run.load_state_dict(state)
         truncate_metrics(metrics_path, run.step)
@@ -623,6 +663,33 @@ def main(argv=None) -> dict:
           f"{100 * res['median_last20_acc']:.2f} %, best {100 * res['best_acc']:.2f} % "
           f"-> {args.out}/result.json", flush=True)
     return res
+
+
+def load_checkpoint(out: str) -> tuple[dict | None, str | None]:
+    """The newest readable checkpoint of OUT, or (None, None) for a fresh run. A corrupt last.pt
+    is moved aside to last.pt.corrupt when prev.pt is used instead, so that the next save cannot
+    rotate the unreadable file over the only good backup."""
+    try:
+        state, f = read_checkpoint(out)
+    except CheckpointError as e:
+        if any(os.path.exists(os.path.join(out, n)) for n in ("last.pt", "prev.pt")):
+            fail(str(e))
+        return None, None
+    last = os.path.join(out, "last.pt")
+    if f.endswith("prev.pt") and os.path.exists(last):
+        os.replace(last, last + ".corrupt")
+        print(f"moved the unreadable {last} aside to last.pt.corrupt; resuming from {f}",
+              file=sys.stderr)
+    return state, f
+
+
+def remove_if_empty(args: argparse.Namespace) -> None:
+    """A run that failed before its first step leaves no empty --out behind."""
+    if getattr(args, "out_created", False):
+        try:
+            os.rmdir(args.out)  # only if empty
+        except OSError:
+            pass
 
 
 def train_loop(run: Run, metrics_path: str, ipb: int, tb=None) -> None:

@@ -8,8 +8,9 @@ batches and augments whole batches at once with per-image random parameters (SPE
                    each always applied, magnitude uniform in its range), then Cutout
 
 The 14 ops fall in three families that each run as one batched operation:
-    affine (Rotate, ShearX/Y, TranslateX/Y): one gather with a per-image affine map, PIL's
-        nearest-neighbour convention (sample input at floor(A (x+0.5, y+0.5) + t)), black fill;
+    affine (Rotate, ShearX/Y, TranslateX/Y): one gather with a per-image affine map, with PIL's
+        nearest-neighbour arithmetic (double-precision coefficients; 16.16 fixed point for
+        rotations and shears), black fill;
     enhance (Brightness, Color, Contrast, Sharpness): PIL ImageEnhance, i.e. a blend
         degenerate + v (img - degenerate) truncated to uint8, with a per-image degenerate image;
     lookup (AutoContrast, Equalize, Posterize, Solarize): per-pixel maps; Solarize and Posterize
@@ -245,10 +246,22 @@ def _gather_pixels(x: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor) -> torch
     return out.view(n, c, h, w) * valid.unsqueeze(1)  # black outside; a multiply beats where on CPU
 
 
+def _pil_round15(t: torch.Tensor) -> torch.Tensor:
+    """PIL's Image.rotate rounds cos and sin to 15 decimals (Python's round(v, 15))."""
+    return torch.round(t * 1e15) / 1e15
+
+
 def _affine(x: torch.Tensor, op: torch.Tensor, v: torch.Tensor, present=AFFINE) -> torch.Tensor:
-    """Rotate / ShearX / ShearY / TranslateX / TranslateY as PIL's Image.transform(AFFINE) and
-    Image.rotate do with NEAREST: output pixel (x, y) reads input floor(A (x+.5, y+.5) + t)."""
+    """Rotate / ShearX / ShearY / TranslateX / TranslateY exactly as PIL's Image.transform(AFFINE)
+    and Image.rotate do with NEAREST. Output pixel (x, y) reads input (a x' + b y' + c,
+    d x' + e y' + f) at the pixel centre (x', y') = (x + .5, y + .5), with PIL's arithmetic:
+    the coefficients in double precision (Rotate's cos / sin rounded to 15 decimals, about the
+    centre (w/2, h/2)); a map with b = d = 0 (translations) by PIL's scaling path, floor of the
+    double coordinate; any other (rotations, shears) by PIL's 16.16 fixed-point path, where
+    each coefficient is rounded to a multiple of 1/65536 and the coordinate is shifted right
+    by 16. Black outside."""
     n, _, h, w = x.shape
+    v = v.double()  # the magnitude as PIL receives it: a Python float
     one, zero = torch.ones_like(v), torch.zeros_like(v)
     a, b, c, d, e, f = one, zero, zero, zero, one, zero
     if OP["ShearX"] in present:
@@ -261,19 +274,26 @@ def _affine(x: torch.Tensor, op: torch.Tensor, v: torch.Tensor, present=AFFINE) 
         f = torch.where(op == OP["TranslateY"], v * h, f)
     if OP["Rotate"] in present:
         rot = op == OP["Rotate"]
-        theta = -torch.deg2rad(v)  # PIL turns counter-clockwise by v degrees about (w/2, h/2)
-        cx, cy = w / 2.0, h / 2.0
-        cos, sin = torch.cos(theta), torch.sin(theta)
+        theta = -torch.deg2rad(torch.remainder(v, 360.0))  # PIL: angle % 360, then -radians
+        cos, sin = _pil_round15(torch.cos(theta)), _pil_round15(torch.sin(theta))
+        cx, cy = w / 2.0, h / 2.0  # the matrix maps (-cx, -cy), then adds the centre back
         a, b = torch.where(rot, cos, a), torch.where(rot, sin, b)
         d, e = torch.where(rot, -sin, d), torch.where(rot, cos, e)
-        c = torch.where(rot, cx - cos * cx - sin * cy, c)
-        f = torch.where(rot, cy + sin * cx - cos * cy, f)
-    ys = (torch.arange(h, device=x.device, dtype=torch.float32) + 0.5).view(1, h, 1)
-    xs = (torch.arange(w, device=x.device, dtype=torch.float32) + 0.5).view(1, 1, w)
+        c = torch.where(rot, (cos * -cx + sin * -cy) + cx, c)
+        f = torch.where(rot, (-sin * -cx + cos * -cy) + cy, f)
     p = [t.view(n, 1, 1) for t in (a, b, c, d, e, f)]
-    x_in = (p[0] * xs + p[1] * ys).add_(p[2])  # PIL's order of operations: (a x + b y) + c
-    y_in = (p[3] * xs + p[4] * ys).add_(p[5])
-    return _gather_pixels(x, y_in.floor_(), x_in.floor_())
+    ys = torch.arange(h, device=x.device, dtype=torch.float64).view(1, h, 1)
+    xs = torch.arange(w, device=x.device, dtype=torch.float64).view(1, 1, w)
+    # PIL's scaling path (ImagingScaleAffine): floor(c + a/2 + a x), floor(f + e/2 + e y)
+    x_in = (p[2] + p[0] * 0.5) + xs * p[0]
+    y_in = (p[5] + p[4] * 0.5) + ys * p[4]
+    # PIL's fixed-point path (affine_fixed): integers in double are exact here (< 2^53)
+    fix = [torch.floor(t * 65536.0 + 0.5) for t in
+           (p[0], p[1], p[2] + p[0] * 0.5 + p[1] * 0.5, p[3], p[4], p[5] + p[3] * 0.5 + p[4] * 0.5)]
+    fixed = ((b != 0) | (d != 0)).view(n, 1, 1)
+    x_in = torch.where(fixed, (fix[2] + ys * fix[1] + xs * fix[0]) / 65536.0, x_in)
+    y_in = torch.where(fixed, (fix[5] + ys * fix[4] + xs * fix[3]) / 65536.0, y_in)
+    return _gather_pixels(x, y_in.floor_().float(), x_in.floor_().float())
 
 
 def _grayscale(x: torch.Tensor) -> torch.Tensor:

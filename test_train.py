@@ -31,8 +31,18 @@ def test_end_to_end_run_writes_metrics_checkpoint_and_result(tiny_npz, tmp_path,
     for key in ("lr", "loss", "test_acc", "confident", "entropy_selected", "unconfident",
                 "pl_acc_confident", "pl_acc_selected", "mean_weight"):
         assert key in metrics[0]
-    assert abs(metrics[0]["confident"] + metrics[0]["entropy_selected"]
-               + metrics[0]["unconfident"] - 1) < 1e-6
+    n_ulb = 3 * 8  # steps per epoch x mu B
+    for m in metrics:  # properties a wrong counter would break (pl_confusion is checked too)
+        for group in ("confident", "entropy_selected", "unconfident"):
+            assert (m[group] * n_ulb) == pytest.approx(round(m[group] * n_ulb))  # whole samples
+        assert (m["pl_acc_confident"] is None) == (m["confident"] == 0)
+        assert (m["pl_acc_selected"] is None) == (m["entropy_selected"] == 0)
+        assert 0.2 - 1e-6 <= m["mean_weight"] <= 1 + 1e-6  # lambda <= every weight <= 1
+        if loss == "base":
+            assert m["entropy_selected"] == 0
+            expected = m["confident"] + 0.2 * m["unconfident"]  # weights 1 and lambda only
+            assert m["mean_weight"] == pytest.approx(expected)
+    assert any(m["entropy_selected"] > 0 for m in metrics) == (loss == "entropy")
     result = json.loads((out / "result.json").read_text())
     assert result["steps"] == 6 and result["evaluations"] == 2
     assert result["final_acc"] == metrics[-1]["test_acc"] == res["final_acc"]
@@ -58,6 +68,22 @@ def test_running_again_resumes_instead_of_restarting(tiny_npz, tmp_path, capsys)
     assert (out / "metrics.jsonl").read_text() == before  # no step was trained again
     again = torch.load(out / "last.pt", weights_only=True)
     assert all(torch.equal(ckpt["model"][k], again["model"][k]) for k in ckpt["model"])
+
+
+def test_unlabeled_stream_covers_the_whole_training_set_labeled_images_included(tiny_npz, tmp_path,
+                                                                               monkeypatch):
+    """The unlabeled set is the whole training set (FixMatch, [G]): the images the step draws as
+    unlabeled, over one pass, are every training index exactly once."""
+    run = train.Run(train.get_args(tiny_args(tiny_npz, tmp_path / "r")))
+    seen = []
+    real = run.sampler_ulb.next
+    monkeypatch.setattr(run.sampler_ulb, "next", lambda: seen.append(real()) or seen[-1])
+    n = len(run.x_train)
+    for _ in range(-(-n // 8)):  # mu * B = 8 per step
+        run.batch()
+    first_pass = torch.cat(seen)[:n].tolist()
+    assert sorted(first_pass) == list(range(n))
+    assert set(run.labeled_idx.tolist()) <= set(first_pass) and len(run.labeled_idx) == 6
 
 
 def test_labeled_only_control(tiny_npz, tmp_path):

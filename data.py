@@ -497,3 +497,64 @@ class Normalize:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = x.float() * self.scale - self.shift
         return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
+
+
+# ---------------------------------------------------------------- a CPU-scale subset (CLI)
+
+def make_subset(ds: dict, per_class_train: int, per_class_test: int, seed: int) -> dict:
+    """A class-balanced subset in the npz: format: for each class, a seeded shuffle of its train
+    (test) indices, the first per_class_train (per_class_test) kept, in class order."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, n in (("train", per_class_train), ("test", per_class_test)):
+        y = ds[f"y_{split}"]
+        idx = []
+        for c in range(ds["num_classes"]):
+            members = np.flatnonzero(y == c)
+            if len(members) < n:
+                raise ValueError(f"class {c} ({ds['classes'][c]}) has {len(members)} {split} "
+                                 f"images, fewer than the {n} asked for")
+            rng.shuffle(members)
+            idx.append(members[:n])
+        idx = np.concatenate(idx)
+        out[f"x_{split}"], out[f"y_{split}"] = ds[f"x_{split}"][idx], y[idx]
+    out["classes"] = np.array(ds["classes"], dtype=str)
+    return out
+
+
+def save_npz(path: str, arrays: dict) -> None:
+    """np.savez, written atomically (a temporary file, then a rename)."""
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> None:
+    import argparse
+    p = argparse.ArgumentParser(description="Build a class-balanced subset of CIFAR (or of an npz: "
+                                "dataset) in the project's npz: format, e.g. the CPU-scale set: "
+                                "python data.py make-subset --out cifar10-5k.npz")
+    p.add_argument("command", choices=["make-subset"])
+    p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100 or npz:PATH")
+    p.add_argument("--data-dir", default="data", help="where CIFAR is (or is downloaded to)")
+    p.add_argument("--per-class-train", type=int, default=500, help="training images per class")
+    p.add_argument("--per-class-test", type=int, default=100, help="test images per class")
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-class choice")
+    p.add_argument("--out", required=True, help="the .npz file to write")
+    a = p.parse_args(argv)
+    if a.per_class_train < 1 or a.per_class_test < 1:
+        p.error("--per-class-train and --per-class-test must be >= 1")
+    if not a.out.endswith(".npz"):
+        p.error(f"--out must end in .npz, got {a.out}")
+    try:
+        sub = make_subset(load_dataset(a.dataset, a.data_dir), a.per_class_train,
+                          a.per_class_test, a.seed)
+        save_npz(a.out, sub)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise SystemExit(f"data.py: error: {e}") from None
+    print(f"wrote {a.out}: {len(sub['x_train'])} train + {len(sub['x_test'])} test images, "
+          f"{len(sub['classes'])} classes")
+
+
+if __name__ == "__main__":
+    main()

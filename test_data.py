@@ -276,22 +276,27 @@ def test_cifar_corrupt_folder_is_one_clear_error(tmp_path):
         data.load_dataset("cifar10", str(tmp_path))
 
 
-def test_cifar10_loads_from_torchvision_layout(tmp_path, monkeypatch):
-    """A fake cifar-10-batches-py in the original pickle layout (integrity check bypassed)."""
+def fake_cifar10(root, monkeypatch, labels):
+    """A fake cifar-10-batches-py in the original pickle layout (integrity check bypassed):
+    each of the 5 train batches and the test batch holds one image per entry of `labels`."""
     import pickle
 
     import torchvision
-    folder = tmp_path / "cifar-10-batches-py"
+    folder = root / "cifar-10-batches-py"
     folder.mkdir()
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         with open(folder / name, "wb") as fh:
-            pickle.dump({"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
-                         "labels": list(range(4))}, fh)
+            pickle.dump({"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8),
+                         "labels": list(labels)}, fh)
     with open(folder / "batches.meta", "wb") as fh:
         pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, fh)
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+
+
+def test_cifar10_loads_from_torchvision_layout(tmp_path, monkeypatch):
+    fake_cifar10(tmp_path, monkeypatch, range(4))
     d = data.load_dataset("cifar10", str(tmp_path))
     assert d["x_train"].shape == (20, 32, 32, 3) and d["x_test"].shape == (4, 32, 32, 3)
     assert d["num_classes"] == 10 and d["classes"][3] == "class3"
@@ -307,3 +312,30 @@ def test_ops_on_non_square_images_equal_pil(name, subset):
     ref = np.stack([np.asarray(pil_op(Image.fromarray(im), name, float(m))) for im, m in zip(x_np, v)])
     out = data.apply_ops(nchw(x_np), torch.full((len(x_np),), data.OP[name]), v, subset=subset)
     assert np.array_equal(out.permute(0, 2, 3, 1).numpy(), ref)
+
+
+def test_make_subset_from_a_cifar_folder(tmp_path, monkeypatch, capsys):
+    """python data.py make-subset: per class the seeded first n train / test images, in the npz:
+    format, loadable by load_npz; another seed picks others; too many per class is one line."""
+    fake_cifar10(tmp_path, monkeypatch, list(range(10)) * 3)  # 15 train, 3 test per class
+    full = data.load_dataset("cifar10", str(tmp_path))
+    out = tmp_path / "sub.npz"
+    argv = ["make-subset", "--data-dir", str(tmp_path), "--per-class-train", "4",
+            "--per-class-test", "2", "--out", str(out)]
+    data.main(argv)
+    assert "40 train + 20 test images, 10 classes" in capsys.readouterr().out
+    sub = data.load_npz(str(out))
+    assert np.bincount(sub["y_train"]).tolist() == [4] * 10
+    assert np.bincount(sub["y_test"]).tolist() == [2] * 10
+    assert sub["classes"] == full["classes"]
+    for split in ("train", "test"):  # every image is an original image of its class
+        originals = {(full[f"y_{split}"][i], full[f"x_{split}"][i].tobytes())
+                     for i in range(len(full[f"y_{split}"]))}
+        assert all((y, x.tobytes()) in originals for x, y in zip(sub[f"x_{split}"], sub[f"y_{split}"]))
+    data.main(argv[:-1] + [str(tmp_path / "again.npz")])
+    assert np.array_equal(np.load(tmp_path / "again.npz")["x_train"], sub["x_train"])  # seeded
+    data.main(argv[:-1] + [str(tmp_path / "seed1.npz"), "--seed", "1"])
+    assert not np.array_equal(np.load(tmp_path / "seed1.npz")["x_train"], sub["x_train"])
+    with pytest.raises(SystemExit) as e:
+        data.main(argv[:3] + ["--per-class-train", "16", "--out", str(tmp_path / "x.npz")])
+    assert "fewer than the 16 asked for" in str(e.value) and not (tmp_path / "x.npz").exists()

@@ -158,15 +158,20 @@ def split_labeled(y: np.ndarray, n_per_class: int, seed: int, num_classes: int |
     k = num_classes if num_classes is not None else int(y.max()) + 1
     if n_per_class < 1:
         raise ValueError(f"labels per class must be >= 1, got {n_per_class}")
-    rng = np.random.default_rng(seed)
+    return per_class_first(y, n_per_class, np.random.default_rng(seed), k,
+                           "training images", "labels per class asked for")
+
+
+def per_class_first(y: np.ndarray, n: int, rng: np.random.Generator, num_classes: int,
+                    what: str = "images", asked: str = "asked for") -> np.ndarray:
+    """For each class k = 0..K-1 in turn: shuffle its indices with rng, keep the first n."""
     out = []
-    for c in range(k):
+    for c in range(num_classes):
         idx = np.flatnonzero(y == c)
-        if len(idx) < n_per_class:
-            raise ValueError(f"class {c} has {len(idx)} training images, fewer than the "
-                             f"{n_per_class} labels per class asked for")
+        if len(idx) < n:
+            raise ValueError(f"class {c} has {len(idx)} {what}, fewer than the {n} {asked}")
         rng.shuffle(idx)
-        out.append(idx[:n_per_class])
+        out.append(idx[:n])
     return np.concatenate(out).astype(np.int64)
 
 
@@ -508,15 +513,7 @@ def make_subset(ds: dict, per_class_train: int, per_class_test: int, seed: int) 
     out = {}
     for split, n in (("train", per_class_train), ("test", per_class_test)):
         y = ds[f"y_{split}"]
-        idx = []
-        for c in range(ds["num_classes"]):
-            members = np.flatnonzero(y == c)
-            if len(members) < n:
-                raise ValueError(f"class {c} ({ds['classes'][c]}) has {len(members)} {split} "
-                                 f"images, fewer than the {n} asked for")
-            rng.shuffle(members)
-            idx.append(members[:n])
-        idx = np.concatenate(idx)
+        idx = per_class_first(y, n, rng, ds["num_classes"], f"{split} images")
         out[f"x_{split}"], out[f"y_{split}"] = ds[f"x_{split}"][idx], y[idx]
     out["classes"] = np.array(ds["classes"], dtype=str)
     return out

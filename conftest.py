@@ -30,3 +30,22 @@ def tiny_args(npz, out, *extra):
             "--batch-size", "4", "--mu", "2", "--epochs", "2", "--steps-per-epoch", "3",
             "--entropy-ratio", "0.5", "--ema-decay", "0.9", "--log-every", "1", "--out", str(out),
             "--device", "cpu", *extra]
+
+
+def drop(args, *flags):
+    """args without the given flags and their values."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in flags:
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def lt_args(npz, out, *extra):
+    """tiny_args for the long-tailed split: 6 / 10 images of the head class, gamma 3."""
+    return drop(tiny_args(npz, out), "--labels-per-class") + [
+        "--lt-labeled", "6", "--lt-unlabeled", "10", "--imb-ratio-l", "3", *extra]

@@ -22,6 +22,7 @@ parameters), so there is no host synchronisation; on CPU the images are sorted b
 slot and each op runs on its own contiguous slice, since the sort's one sync costs nothing there.
 """
 import functools
+import math
 import os
 import shutil
 import socket
@@ -160,6 +161,40 @@ def split_labeled(y: np.ndarray, n_per_class: int, seed: int, num_classes: int |
         raise ValueError(f"labels per class must be >= 1, got {n_per_class}")
     return per_class_first(y, n_per_class, np.random.default_rng(seed), k,
                            "training images", "labels per class asked for")
+
+
+def lt_counts(n1: int, gamma: float, num_classes: int) -> list[int]:
+    """Long-tailed class counts (SPEC 10): N_k = floor(N_1 gamma^(-(k-1)/(K-1))), k = 1..K, class 1
+    (index 0) the head, the last class exactly floor(N_1 / gamma). gamma = 1 is uniform; a negative
+    gamma gives the list of |gamma| reversed (head classes rare)."""
+    if num_classes < 2:
+        raise ValueError(f"a long-tailed split needs at least 2 classes, got {num_classes}")
+    if n1 < 1 or abs(gamma) < 1:
+        raise ValueError(f"long-tailed counts need N_1 >= 1 and |gamma| >= 1, got {n1} and {gamma}")
+    g = abs(gamma)
+    # the small epsilon keeps float error (e.g. 14.999999) from dropping a whole image
+    counts = [math.floor(n1 * g ** (-k / (num_classes - 1)) + 1e-9) for k in range(num_classes)]
+    counts[-1] = math.floor(n1 / g + 1e-9)
+    return counts[::-1] if gamma < 0 else counts
+
+
+def split_long_tailed(y: np.ndarray, n1: int, m1: int, gamma_l: float, gamma_u: float, seed: int,
+                      num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labeled and unlabeled indices of the long-tailed protocol (SPEC 10, as USB's CISSL setup):
+    per class a seeded shuffle, the first N_k labeled, the next M_k unlabeled (disjoint)."""
+    n_l, n_u = lt_counts(n1, gamma_l, num_classes), lt_counts(m1, gamma_u, num_classes)
+    rng = np.random.default_rng(seed)
+    lb, ulb = [], []
+    for c in range(num_classes):
+        idx = np.flatnonzero(np.asarray(y) == c)
+        if len(idx) < n_l[c] + n_u[c]:
+            raise ValueError(f"class {c} has {len(idx)} training images, fewer than the "
+                             f"{n_l[c]} labeled + {n_u[c]} unlabeled that the long-tailed split "
+                             f"asks for; lower --lt-labeled / --lt-unlabeled")
+        rng.shuffle(idx)
+        lb.append(idx[:n_l[c]])
+        ulb.append(idx[n_l[c]:n_l[c] + n_u[c]])
+    return np.concatenate(lb).astype(np.int64), np.concatenate(ulb).astype(np.int64)
 
 
 def per_class_first(y: np.ndarray, n: int, rng: np.random.Generator, num_classes: int,

@@ -11,6 +11,7 @@ import os
 import statistics
 import sys
 
+import numpy as np
 import torch
 
 CKPT_NAMES = ("last.pt", "prev.pt")  # newest first; prev.pt is the one before last.pt
@@ -64,6 +65,52 @@ def accuracy(model, x_u8, y, normalize, batch_size: int = 1024) -> float:
     return (predict_all(model, x_u8, normalize, batch_size) == y).float().mean().item()
 
 
+@torch.no_grad()
+def scores_all(model: torch.nn.Module, x_u8: torch.Tensor, normalize,
+               batch_size: int = 1024) -> torch.Tensor:
+    """(N, K) class scores (model.class_scores) in eval mode and float32, like predict_all."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(x_u8), batch_size):
+        with torch.autocast(x_u8.device.type, enabled=False):
+            out.append(model.class_scores(normalize(x_u8[i:i + batch_size])))
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def class_groups(labeled_counts: list[int]) -> dict[str, list[int]]:
+    """Head / medium / tail classes (SPEC 10): classes sorted by labeled count, most first (ties by
+    class index), cut into ceil(K/3), K - 2 ceil(K/3) and ceil(K/3) classes."""
+    k = len(labeled_counts)
+    order = sorted(range(k), key=lambda c: (-labeled_counts[c], c))
+    third = -(-k // 3)
+    return {"head": order[:third], "medium": order[third:k - third], "tail": order[k - third:]}
+
+
+def logit_adjusted(scores: torch.Tensor, prior: torch.Tensor, tau: float) -> torch.Tensor:
+    """Menon et al. 2021: argmax_k [s_k - tau log pi_k], pi = the labeled class prior."""
+    return (scores - tau * torch.log(prior.to(scores)).clamp(min=-1e4)).argmax(1)
+
+
+def eval_metrics(scores: torch.Tensor, y: torch.Tensor, labeled_counts: list[int],
+                 tau: float = 1.0) -> dict:
+    """Overall, per-class and head / medium / tail accuracy, raw and logit-adjusted (SPEC 10).
+    On a balanced test set the overall accuracy is the balanced accuracy."""
+    k = scores.shape[1]
+    prior = torch.tensor(labeled_counts, dtype=torch.float64) / max(sum(labeled_counts), 1)
+    out = {}
+    for suffix, pred in (("", scores.argmax(1)), ("_adjusted", logit_adjusted(scores, prior, tau))):
+        right = (pred == y).double().cpu()
+        per = [right[(y == c).cpu()].mean().item() if (y == c).any() else None for c in range(k)]
+        out[f"test_acc{suffix}"] = right.mean().item()
+        out[f"per_class_acc{suffix}"] = per
+        for g, members in class_groups(labeled_counts).items():
+            vals = [per[c] for c in members if per[c] is not None]
+            out[f"{g}_acc{suffix}"] = sum(vals) / len(vals) if vals else None
+    return out
+
+
 def resolve_dataset(a: dict, state: dict, dataset: str | None, data_dir: str | None
                     ) -> tuple[str, str]:
     """The run's dataset and data dir, found from any working directory: a relative path that
@@ -79,11 +126,16 @@ def resolve_dataset(a: dict, state: dict, dataset: str | None, data_dir: str | N
     return name, data_dir or here_or_there(a["data_dir"])
 
 
+def classifier_run(state: dict) -> bool:
+    """A peer method's run: its EMA model has a linear classifier instead of prototypes."""
+    return any(k.startswith("classifier.") for k in state["ema"])
+
+
 def load_run_model(state: dict, num_classes: int, device: str):
     """The EMA model of a checkpoint, as the run built it."""
     from model import Encoder
     a = state["args"]
-    classifier = any(k.startswith("classifier.") for k in state["ema"])  # a peer method's run
+    classifier = classifier_run(state)
     # runs from before --wrn-variant existed used the TensorFlow-original network
     model = Encoder(num_classes, a["arch"], classifier=classifier,
                     variant=a.get("wrn_variant", "tf")).to(device)
@@ -106,9 +158,14 @@ def evaluate_checkpoint(path: str, per_class: bool = False, data_dir: str | None
     x = data.to_tensor_images(ds["x_test"], device)
     y = torch.from_numpy(ds["y_test"]).to(device)
     norm = data.Normalize(state["mean"], state["std"], device)
-    pred = predict_all(model, x, norm)
+    scores = scores_all(model, x, norm)
+    if not classifier_run(state):
+        scores = scores / a.get("pl_temp", 0.1)  # cos / T_pl, Eq. (4)
+    pred = scores.argmax(1)
+    counts = np.bincount(ds["y_train"][state["labeled_idx"].numpy()], minlength=ds["num_classes"])
     out = {"checkpoint": f, "step": state["step"], "top1": (pred == y).float().mean().item(),
-           "dataset": name, "n_test": len(y)}
+           "dataset": name, "n_test": len(y), "labeled_counts": counts.tolist(),
+           "metrics": eval_metrics(scores, y, counts.tolist(), a.get("logit_adjust", 1.0))}
     if per_class:
         k = ds["num_classes"]
         out["classes"] = list(ds["classes"])
@@ -145,15 +202,17 @@ def config_key(a: dict) -> tuple:
     return tuple(sorted((k, repr(v)) for k, v in a.items() if k not in NOT_CONFIG))
 
 
-def collect_results(results_dir: str) -> dict:
-    """{configuration without the seed: (args of one run, [final accuracy % of each seed])} from
-    every readable result.json below results_dir; unreadable ones are skipped with a warning."""
+def collect_results(results_dir: str, field=lambda r: float(r["final_acc"])) -> dict:
+    """{configuration without the seed: (args of one run, [100 x field(result) of each seed])}
+    from every readable result.json below results_dir; unreadable ones are skipped with a
+    warning."""
     groups = {}
     for f in sorted(glob.glob(os.path.join(results_dir, "**", "result.json"), recursive=True)):
         try:
             with open(f) as fh:
                 r = json.load(fh)
-            a, acc = r["args"], 100.0 * float(r["final_acc"])
+            a, acc = r["args"], field(r)
+            acc = None if acc is None else 100.0 * acc
             a["dataset"], a["labels_per_class"], a["loss"]  # noqa: B018 - required keys
         except (OSError, ValueError, KeyError, TypeError) as e:
             print(f"warning: skipping {f}: unreadable or incomplete ({type(e).__name__}: {e})",
@@ -164,6 +223,7 @@ def collect_results(results_dir: str) -> dict:
 
 
 def format_cell(vals: list[float] | None) -> str:
+    vals = [v for v in vals or [] if v is not None]
     if not vals:
         return "not run"
     if len(vals) == 1:
@@ -250,6 +310,36 @@ def other_rows(groups: dict, keys: list) -> list[str]:
                      format_cell(vals)))
     lines += [f"| {d} | {n} | {m} | {diff} | {v} |" for d, n, m, diff, v in sorted(rows, key=str)]
     return lines
+
+
+LT_COLUMNS = [("overall", "test_acc"), ("head", "head_acc"), ("medium", "medium_acc"),
+              ("tail", "tail_acc"), ("overall, logit-adjusted", "test_acc_adjusted"),
+              ("tail, logit-adjusted", "tail_acc_adjusted")]
+
+
+def lt_table(results_dir: str) -> str:
+    """The long-tailed runs (SPEC 10): one row per setting and method configuration, final
+    accuracies mean ± std over seeds, raw and logit-adjusted, plus FixMatch's median of the
+    last 20 evaluations."""
+    cols = {name: collect_results(results_dir, lambda r, k=key: r.get("final", {}).get(k))
+            for name, key in LT_COLUMNS}
+    cols["median of last 20"] = collect_results(results_dir, lambda r: r["median_last20_acc"])
+    keys = sorted((k for k, (a, _) in cols["overall"].items() if a.get("lt_labeled")),
+                  key=lambda k: str(lt_setting(cols["overall"][k][0])))
+    head = " | ".join(cols)
+    lines = [f"| dataset | N1 / M1 / gamma_l / gamma_u | method | {head} |",
+             "|---|---|---|" + "---|" * len(cols)]
+    for key in keys:
+        a = cols["overall"][key][0]
+        method = a["loss"] + (f" --hard-weight {a['hard_weight']}" if a.get("hard_weight") else "")
+        lines.append(f"| {a['dataset']} | {lt_setting(a)} | {method} | "
+                     + " | ".join(format_cell(cols[c][key][1]) for c in cols) + " |")
+    return "\n".join(lines) + ("\n\nTop-1 test accuracy (%), balanced test set; head / medium / "
+                               "tail = classes by labeled count; mean ± std over seeds.\n")
+
+
+def lt_setting(a: dict) -> str:
+    return f"{a['lt_labeled']} / {a['lt_unlabeled']} / {a['imb_ratio_l']:g} / {a['imb_ratio_u']:g}"
 
 
 # ---------------------------------------------------------------- plots (matplotlib: optional)
@@ -352,7 +442,6 @@ def save_figure(fig, out: str) -> None:
 
 
 def row_normalised(cm):
-    import numpy as np
     cm = np.asarray(cm, dtype=np.float64)
     return cm / np.maximum(cm.sum(1, keepdims=True), 1)
 
@@ -360,7 +449,6 @@ def row_normalised(cm):
 def plot_confusion(run_dir: str, out: str, data_dir: str | None, device: str) -> None:
     """Test-set confusion of the EMA model, and the pseudo-label confusion (confident and
     entropy-selected samples) of the last evaluation interval, row-normalised."""
-    import numpy as np
     plt = import_pyplot()
     r = evaluate_checkpoint(run_dir, per_class=True, data_dir=data_dir, device=device)
     k = len(r["classes"])
@@ -381,10 +469,9 @@ def plot_confusion(run_dir: str, out: str, data_dir: str | None, device: str) ->
     save_figure(fig, out)
 
 
-def pl_precision_recall(pl: "np.ndarray") -> tuple[list, list]:
+def pl_precision_recall(pl: np.ndarray) -> tuple[list, list]:
     """Per class, from a (3, K, K) pseudo-label confusion: precision = right / given the class
     (confident or entropy-selected), recall = right / unlabeled samples of that class seen."""
-    import numpy as np
     given = pl[:2].sum(0)
     right = np.diagonal(given)
     seen = pl.sum(0).sum(1)
@@ -405,6 +492,8 @@ def main(argv=None) -> None:
                    help="device to evaluate on (default: cuda if available, else cpu)")
     p.add_argument("--table", metavar="RESULTS_DIR",
                    help="write RESULTS_DIR/table1.md from every result.json below it and print it")
+    p.add_argument("--lt-table", metavar="RESULTS_DIR",
+                   help="write RESULTS_DIR/lt_table.md for the long-tailed runs below it and print it")
     p.add_argument("--plot", nargs="+", metavar="RUN",
                    help="plot accuracy, group fractions, pseudo-label accuracy and mean weight of "
                         "these runs over epochs into --out (needs matplotlib)")
@@ -426,16 +515,12 @@ def main(argv=None) -> None:
             except (CheckpointError, ValueError, RuntimeError) as e:
                 sys.exit(f"evaluate.py: error: {e}")
         return
-    if args.table:
-        if not os.path.isdir(args.table):
-            p.error(f"--table: {args.table} is not a directory")
-        md = table1(args.table)
-        path = os.path.join(args.table, "table1.md")
-        with open(path + ".tmp", "w") as fh:
-            fh.write(md)
-        os.replace(path + ".tmp", path)
-        print(md)
-        return
+    for folder, make, name in ((args.table, table1, "table1.md"), (args.lt_table, lt_table, "lt_table.md")):
+        if folder:
+            if not os.path.isdir(folder):
+                p.error(f"{folder} is not a directory")
+            write_text(os.path.join(folder, name), make(folder))
+            return
     if not args.path:
         p.error("give a run directory or checkpoint file, or --table RESULTS_DIR")
     try:
@@ -448,10 +533,17 @@ def main(argv=None) -> None:
         print_per_class(r, args.path)
 
 
+def write_text(path: str, text: str) -> None:
+    """Write atomically (a temporary file, then a rename) and print."""
+    with open(path + ".tmp", "w") as fh:
+        fh.write(text)
+    os.replace(path + ".tmp", path)
+    print(text)
+
+
 def print_per_class(r: dict, path: str) -> None:
     """Per-class test accuracy with names and counts; the pseudo-label precision and recall of
     the last evaluation interval when the run directory holds pl_confusion.npy."""
-    import numpy as np
     pl_path = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "pl_confusion.npy")
     prec = rec = None
     if os.path.isfile(pl_path):
@@ -465,6 +557,14 @@ def print_per_class(r: dict, path: str) -> None:
         if prec:
             line += f"  {fmt(prec[c])} % / {fmt(rec[c])} %"
         print(line)
+    m = r["metrics"]
+    groups = class_groups(r["labeled_counts"])
+    print(f"  head / medium / tail classes by labeled count ({len(groups['head'])} / "
+          f"{len(groups['medium'])} / {len(groups['tail'])}):")
+    for suffix, what in (("", "raw"), ("_adjusted", "logit-adjusted")):
+        print(f"    {what:>15s}: overall {fmt(m['test_acc' + suffix])} %, head "
+              f"{fmt(m['head_acc' + suffix])} %, medium {fmt(m['medium_acc' + suffix])} %, tail "
+              f"{fmt(m['tail_acc' + suffix])} %")
 
 
 if __name__ == "__main__":

@@ -358,3 +358,16 @@ def simmatch_targets(probs_w: torch.Tensor, bank_logits: torch.Tensor, bank_labe
         norm = unfolded.sum(1, keepdim=True)
         q_hat = torch.where(norm > 0, unfolded / norm.clamp(min=1e-30), q)
         return alpha * p_w + (1 - alpha) * (q @ onehot), q_hat
+
+
+def oheml_weight(probs: torch.Tensor, s: float, validate: bool = True) -> torch.Tensor:
+    """SeMi's entropy hard-example weight (SPEC 10): w_b = s H(p_b) / log K + (1 - s), 1 - s for a
+    one-hot p_b (easy), 1 for the uniform one (hard) -- the opposite direction to [N&O]'s
+    entropy weighting. Returns float32 (U,)."""
+    _check_probs(probs, validate)
+    if not 0 <= s <= 1:
+        raise ValueError(f"s must be in [0, 1], got {s}")
+    k = probs.shape[1]
+    if k < 2:
+        raise ValueError("the entropy weight needs at least 2 classes (H_max = log K)")
+    return s * entropy(probs, validate=False) / math.log(k) + (1.0 - s)

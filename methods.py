@@ -135,14 +135,26 @@ def supervised_ce(o: Out) -> torch.Tensor:
     return F.cross_entropy(o.logits_lb.float(), o.y_lb)
 
 
+HARD_WEIGHT_EPOCH = 5  # SeMi's entropy hard-example weighting starts after 5 epochs
+
+
+def hard_weight(target: torch.Tensor, a, epoch: int) -> torch.Tensor | float:
+    """SeMi's OHEML weight of each unlabeled loss term (SPEC 10), from the teacher's target
+    distribution; 1 without --hard-weight or during the first epochs."""
+    if not a.hard_weight or epoch < HARD_WEIGHT_EPOCH:
+        return 1.0
+    return losses.oheml_weight(target, a.hard_weight, validate=False)
+
+
 def fixmatch_step(o: Out, model, a, entropy_on: bool = False, state=None, epoch: int = 0):
     """L = CE(logits(x), y) + lambda_u (1/muB) sum_b m_b CE(logits(A1(u_b)), yhat_b)."""
     if o.z_w is None:
         return supervised_ce(o), *no_unlabeled(o.y_lb.device, o.logits_lb.shape[1])
     p = weak_teacher(o)
     mask, pl = losses.fixmatch_mask(p, a.threshold, validate=False)
-    l_u = losses.masked_cross_entropy(o.logits_s[0].float(), pl, mask)
-    return supervised_ce(o) + a.lambda_u * l_u, *diagnostics(o, p.shape[1], pl, mask > 0)
+    w = mask * hard_weight(p, a, epoch)
+    l_u = losses.masked_cross_entropy(o.logits_s[0].float(), pl, w)
+    return supervised_ce(o) + a.lambda_u * l_u, *diagnostics(o, p.shape[1], pl, mask > 0, weight=w)
 
 
 def ccssl_step(o: Out, model, a, entropy_on: bool = False, state=None, epoch: int = 0):
@@ -153,10 +165,11 @@ def ccssl_step(o: Out, model, a, entropy_on: bool = False, state=None, epoch: in
     p = weak_teacher(o)
     mask, pl = losses.fixmatch_mask(p, a.threshold, validate=False)
     conf = p.max(1).values
-    l_u = losses.masked_cross_entropy(o.logits_s[0].float(), pl, mask)
+    w = mask * hard_weight(p, a, epoch)
+    l_u = losses.masked_cross_entropy(o.logits_s[0].float(), pl, w)
     l_c = losses.ccssl_supcon(torch.cat(o.z_s[:2]), pl, conf, a.ccssl_temp, validate=False)
     return (supervised_ce(o) + a.lambda_u * l_u + a.lambda_c * l_c,
-            *diagnostics(o, p.shape[1], pl, mask > 0))
+            *diagnostics(o, p.shape[1], pl, mask > 0, weight=w))
 
 
 class SimMatchState:
@@ -222,13 +235,14 @@ def simmatch_step(o: Out, model, a, entropy_on: bool = False, state: SimMatchSta
         p_hat = p_w
     conf, pl = p_hat.max(1)
     mask = (conf >= a.threshold).float()
-    l_u = (losses.soft_cross_entropy(o.logits_s[0].float(), p_hat) * mask).mean()
+    w = mask * hard_weight(p_hat, a, epoch)
+    l_u = (losses.soft_cross_entropy(o.logits_s[0].float(), p_hat) * w).mean()
     l_in = losses.soft_cross_entropy(o.z_s[0] @ bank.T / a.bank_temp, q_hat).mean()
     if epoch == 0:
         l_in = l_in * 0.0
     state.update(o.pos_lb, o.z_lb.detach(), a.bank_momentum)
     loss = supervised_ce(o) + a.lambda_u * l_u + a.lambda_in * l_in
-    return loss, *diagnostics(o, p_hat.shape[1], pl, mask > 0, p_hat=p_hat, p_w=p_w)
+    return loss, *diagnostics(o, p_hat.shape[1], pl, mask > 0, weight=w, p_hat=p_hat, p_w=p_w)
 
 
 STEPS = {"base": contrastive_step, "entropy": contrastive_step, "fixmatch": fixmatch_step,

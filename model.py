@@ -111,13 +111,18 @@ class Encoder(nn.Module):
         return z, (self.classifier(h) if self.classifier is not None else None)
 
     @torch.no_grad()
+    def class_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, K) float32: cos(z, c_k) to each prototype, or the classifier logits (peers)."""
+        z, logits = self(x)
+        if logits is not None:
+            return logits.float()
+        return z.float() @ F.normalize(self.prototypes.float(), dim=1).T
+
+    @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Nearest prototype by cosine similarity (SPEC 3, Prediction), or the argmax of the
         classifier logits for the peer methods (SPEC 9)."""
-        z, logits = self(x)
-        if logits is not None:
-            return logits.float().argmax(1)
-        return (z.float() @ F.normalize(self.prototypes.float(), dim=1).T).argmax(1)
+        return self.class_scores(x).argmax(1)
 
 
 def parse_arch(arch: str) -> tuple[int, int]:

@@ -26,7 +26,7 @@ class Args:
     loss, threshold, pl_temp, temp, low_weight = "entropy", 0.95, 0.08, 0.1, 0.2
     entropy_ratio, entropy_weighting, pair_weight = 0.3, "exp", "geometric"
     lambda_u, lambda_c, ccssl_temp, lambda_in = 1.0, 1.0, 0.07, 1.0
-    bank_momentum, bank_temp, smoothing_alpha, da_len = 0.7, 0.1, 0.9, 3
+    bank_momentum, bank_temp, smoothing_alpha, da_len, hard_weight = 0.7, 0.1, 0.9, 3, 0.0
 
 
 def make_out(n_strong=2, seed=0, logits=True, sharp=8.0) -> methods.Out:

@@ -24,7 +24,7 @@ import torch
 import data
 import losses
 import methods
-from evaluate import CheckpointError, accuracy, read_checkpoint
+from evaluate import CheckpointError, eval_metrics, read_checkpoint, scores_all
 from model import BN_MOMENTUM, VARIANTS, Encoder, parse_arch
 
 # [N&O] section 4.3: entropy ratio beta per (dataset, labels per class)
@@ -36,7 +36,7 @@ CONFIG_KEYS = ("dataset", "labels_per_class", "loss", "seed", "arch", "epochs", 
                "entropy_ratio", "entropy_weighting", "entropy_epochs", "ema_decay",
                "bn_momentum", "channels_last", "wrn_variant", "pair_weight", "lambda_u", "lambda_c",
                "ccssl_temp", "lambda_in", "bank_momentum", "bank_temp", "smoothing_alpha",
-               "da_len")
+               "da_len", "lt_labeled", "lt_unlabeled", "imb_ratio_l", "imb_ratio_u", "hard_weight")
 # method-specific flags: (default, the methods they apply to). Given for another method, a flag
 # is an error; not given, it takes the default for its methods and None elsewhere.
 CONTRASTIVE, PEERS = ("base", "entropy"), methods.CLASSIFIER
@@ -47,6 +47,7 @@ METHOD_FLAGS = {
     "lambda_in": (1.0, ("simmatch",)), "bank_momentum": (0.7, ("simmatch",)),
     "bank_temp": (0.1, ("simmatch",)), "smoothing_alpha": (0.9, ("simmatch",)),
     "da_len": (32, ("simmatch",)),
+    "hard_weight": (0.0, PEERS),
 }
 
 
@@ -64,7 +65,8 @@ def get_args(argv=None) -> argparse.Namespace:
     # data
     a("--dataset", default="cifar10", help="cifar10, cifar100 or npz:PATH (see data.load_npz)")
     a("--data-dir", default="data", help="where CIFAR is (or is downloaded to)")
-    a("--labels-per-class", type=int, default=4, help="labeled images per class")
+    a("--labels-per-class", type=int, default=None,
+      help="labeled images per class (default 4; not with the long-tailed flags)")
     a("--seed", type=int, default=0, help="seed (>= 0) of the split, initialisation and augmentation")
     # method
     a("--loss", choices=list(methods.STEPS), default="entropy",
@@ -98,6 +100,21 @@ def get_args(argv=None) -> argparse.Namespace:
       help="simmatch: p_hat = alpha p_w + (1 - alpha) aggregated bank labels (default 0.9)")
     a("--da-len", type=int, default=None,
       help="simmatch: distribution-alignment queue length in batches (default 32)")
+    a("--hard-weight", type=float, default=None,
+      help="fixmatch/ccssl/simmatch: SeMi's entropy hard-example weight s: each unlabeled loss "
+           "term times s H(p)/log K + 1 - s, from epoch 5 on (default 0: off)")
+    # long-tailed protocol (SPEC 10)
+    a("--lt-labeled", type=int, default=None, metavar="N1",
+      help="long-tailed split: labeled images of the head class (with --lt-unlabeled, --imb-ratio-l)")
+    a("--lt-unlabeled", type=int, default=None, metavar="M1",
+      help="long-tailed split: unlabeled images of the head class")
+    a("--imb-ratio-l", type=float, default=None, metavar="GAMMA_L",
+      help="long-tailed split: labeled imbalance ratio N_1 / N_K")
+    a("--imb-ratio-u", type=float, default=None, metavar="GAMMA_U",
+      help="long-tailed split: unlabeled imbalance ratio (default: GAMMA_L; negative = reversed, "
+           "head classes rare; 1 = uniform)")
+    a("--logit-adjust", type=float, default=1.0, metavar="TAU",
+      help="tau of the logit-adjusted test accuracy, reported beside the raw one (prediction only)")
     a("--entropy-ratio", type=float, default=None,
       help="beta of Eq. (11); default: the paper's value for CIFAR (required otherwise)")
     a("--entropy-weighting", choices=list(losses.WEIGHTINGS), default="exp",
@@ -146,7 +163,8 @@ def get_args(argv=None) -> argparse.Namespace:
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every value is checked before any data is loaded: one argparse error line each."""
-    for name in ("labels_per_class", "epochs", "steps_per_epoch", "batch_size", "eval_every",
+    check_long_tailed(p, args)
+    for name in ("epochs", "steps_per_epoch", "batch_size", "eval_every",
                  "log_every", "eval_batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -162,7 +180,9 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         v = getattr(args, name)
         if v is not None and (not v >= 0 or not math.isfinite(v)):
             p.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
-    for name in ("bank_momentum", "smoothing_alpha"):
+    if args.labels_per_class is not None and args.labels_per_class < 1:
+        p.error(f"--labels-per-class must be >= 1, got {args.labels_per_class}")
+    for name in ("bank_momentum", "smoothing_alpha", "hard_weight"):
         v = getattr(args, name)
         if v is not None and not 0 <= v <= 1:
             p.error(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
@@ -199,9 +219,10 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         if args.entropy_ratio is None:
             args.entropy_ratio = PAPER_BETA.get((args.dataset, args.labels_per_class))
             if args.entropy_ratio is None:
-                p.error(f"--entropy-ratio is required for {args.dataset} with "
-                        f"{args.labels_per_class} labels per class (the paper gives beta only for "
-                        f"CIFAR-10/100 with 4 or 25); e.g. --entropy-ratio 0.2")
+                split = ("the long-tailed split" if args.lt_labeled else
+                         f"{args.labels_per_class} labels per class")
+                p.error(f"--entropy-ratio is required for {args.dataset} with {split} (the paper "
+                        f"gives beta only for CIFAR-10/100 with 4 or 25); e.g. --entropy-ratio 0.2")
         if not 0 < args.entropy_ratio <= 1:
             p.error(f"--entropy-ratio must be in (0, 1], got {args.entropy_ratio}")
         if args.entropy_epochs is None:
@@ -226,7 +247,9 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.out is None:
         name = (os.path.splitext(os.path.basename(args.dataset[4:]))[0]
                 if args.dataset.startswith("npz:") else args.dataset)
-        args.out = os.path.join("runs", f"{name}_{args.labels_per_class}_{args.loss}_s{args.seed}")
+        split = (f"lt{args.lt_labeled}-{args.lt_unlabeled}-{args.imb_ratio_l:g}-{args.imb_ratio_u:g}"
+                 if args.lt_labeled else str(args.labels_per_class))
+        args.out = os.path.join("runs", f"{name}_{split}_{args.loss}_s{args.seed}")
     args.out_created = not os.path.exists(args.out)  # removed again if the run fails at once
     try:
         os.makedirs(args.out, exist_ok=True)
@@ -236,6 +259,27 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         os.remove(probe)
     except OSError as e:
         p.error(f"--out {args.out} is not writable: {e.strerror}")
+
+
+def check_long_tailed(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The long-tailed flags go together and replace --labels-per-class."""
+    lt = [args.lt_labeled, args.lt_unlabeled, args.imb_ratio_l]
+    if all(v is None for v in lt + [args.imb_ratio_u]):
+        args.labels_per_class = 4 if args.labels_per_class is None else args.labels_per_class
+        return
+    if any(v is None for v in lt):
+        p.error("the long-tailed split needs --lt-labeled, --lt-unlabeled and --imb-ratio-l together")
+    if args.labels_per_class is not None:
+        p.error("--labels-per-class does not apply to the long-tailed split (--lt-labeled sets the "
+                "labeled counts)")
+    if args.imb_ratio_u is None:
+        args.imb_ratio_u = args.imb_ratio_l
+    if args.lt_labeled < 1 or args.lt_unlabeled < 0:
+        p.error(f"--lt-labeled must be >= 1 and --lt-unlabeled >= 0, got {args.lt_labeled} and "
+                f"{args.lt_unlabeled}")
+    if not args.imb_ratio_l >= 1 or not abs(args.imb_ratio_u) >= 1:
+        p.error(f"--imb-ratio-l must be >= 1 and |--imb-ratio-u| >= 1 (negative = reversed), got "
+                f"{args.imb_ratio_l} and {args.imb_ratio_u}")
 
 
 def check_method_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -288,6 +332,15 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_copy_(list(ema.buffers()), list(model.buffers()))
 
 
+def split_indices(y: np.ndarray, k: int, args) -> tuple[np.ndarray, np.ndarray]:
+    """(labeled, unlabeled) training indices: the seeded per-class split with the whole training
+    set unlabeled (FixMatch, [G]), or the long-tailed split with disjoint sets (SPEC 10)."""
+    if args.lt_labeled:
+        return data.split_long_tailed(y, args.lt_labeled, args.lt_unlabeled, args.imb_ratio_l,
+                                      args.imb_ratio_u, args.seed, k)
+    return data.split_labeled(y, args.labels_per_class, args.seed, k), np.arange(len(y))
+
+
 class Run:
     """Everything a step touches, and what a checkpoint must hold to resume it exactly."""
 
@@ -299,8 +352,7 @@ class Run:
         try:
             ds = data.load_dataset(args.dataset, args.data_dir)
             self.k = ds["num_classes"]
-            self.labeled_idx = data.split_labeled(ds["y_train"], args.labels_per_class, args.seed,
-                                                  self.k)
+            self.labeled_idx, self.unlabeled_idx = split_indices(ds["y_train"], self.k, args)
         except (ValueError, RuntimeError) as e:
             fail(str(e))
         self.classes = ds["classes"]
@@ -310,6 +362,8 @@ class Run:
         self.x_test = data.to_tensor_images(ds["x_test"], dev)
         self.y_test = torch.from_numpy(ds["y_test"]).to(dev)
         self.lb = torch.from_numpy(self.labeled_idx).to(dev)
+        self.ulb = torch.from_numpy(self.unlabeled_idx).to(dev)
+        self.labeled_counts = np.bincount(ds["y_train"][self.labeled_idx], minlength=self.k).tolist()
         self.norm = data.Normalize(self.mean, self.std, dev, channels_last=args.channels_last)
 
         torch.manual_seed(args.seed)
@@ -326,7 +380,7 @@ class Run:
         self.g_aug = torch.Generator(dev).manual_seed(args.seed + 1)
         self.sampler_lb = data.IndexSampler(len(self.lb), args.batch_size,
                                             torch.Generator(dev).manual_seed(args.seed + 2))
-        self.sampler_ulb = (data.IndexSampler(len(self.x_train), args.mu * args.batch_size,
+        self.sampler_ulb = (data.IndexSampler(len(self.ulb), args.mu * args.batch_size,
                                               torch.Generator(dev).manual_seed(args.seed + 3))
                             if args.mu > 0 else None)
         self.step_fn = methods.STEPS[args.loss]
@@ -337,6 +391,7 @@ class Run:
         self.total = args.epochs * args.steps_per_epoch
         self.step = 0
         self.history: list[float] = []  # test accuracy of each evaluation
+        self.last_test: dict = {}  # the metrics of the last evaluation
         self.elapsed = 0.0  # training seconds over all sessions
         self.stats = self.new_stats()
         self.pl_confusion = self.new_confusion()
@@ -364,7 +419,7 @@ class Run:
         parts = [data.weak(x_lb, self.g_aug)]
         y_ulb, n_ulb = None, 0
         if self.sampler_ulb is not None:
-            idx_ulb = self.sampler_ulb.next()
+            idx_ulb = self.ulb[self.sampler_ulb.next()]
             x_ulb, y_ulb, n_ulb = self.x_train[idx_ulb], self.y_train[idx_ulb], len(idx_ulb)
             parts += [data.weak(x_ulb, self.g_aug),
                       data.strong(torch.cat([x_ulb] * self.n_strong), self.g_aug)]
@@ -413,6 +468,14 @@ class Run:
         self.pl_confusion += confusion
         self.step += 1
 
+    def evaluate(self) -> dict:
+        """Test metrics of the EMA model (float32, eval mode): overall, per-class, head / medium /
+        tail, raw and logit-adjusted. Prototype scores are cos / T_pl, as in Eq. (4)."""
+        scores = scores_all(self.ema, self.x_test, self.norm, self.args.eval_batch_size)
+        if self.args.loss not in methods.CLASSIFIER:
+            scores = scores / self.args.pl_temp
+        return eval_metrics(scores, self.y_test, self.labeled_counts, self.args.logit_adjust)
+
     def check_finite(self) -> None:
         """Called at logging and saving time only (a host sync)."""
         count, first = self.nonfinite.tolist()
@@ -443,8 +506,9 @@ class Run:
             "sampler_lb": self.sampler_lb.state_dict(),
             "sampler_ulb": self.sampler_ulb.state_dict() if self.sampler_ulb else {},
             "labeled_idx": torch.from_numpy(self.labeled_idx),
+            "unlabeled_idx": torch.from_numpy(self.unlabeled_idx),
             "mean": self.mean, "std": self.std, "classes": list(self.classes),
-            "history": list(self.history), "elapsed": self.elapsed,
+            "history": list(self.history), "elapsed": self.elapsed, "last_test": self.last_test,
             "stats": self.stats.cpu(), "pl_confusion": self.pl_confusion.cpu(),
             "skipped": self.skipped,
             "method_state": self.method_state.state_dict() if self.method_state else {},
@@ -458,7 +522,9 @@ class Run:
             fail(f"{a.out} holds a run with a different configuration ({'; '.join(diffs)}); "
                  "use another --out or the original arguments")
         self.check_resumable_here(s)
-        if not np.array_equal(s["labeled_idx"].numpy(), self.labeled_idx):
+        same_ulb = "unlabeled_idx" not in s or np.array_equal(s["unlabeled_idx"].numpy(),
+                                                               self.unlabeled_idx)
+        if not np.array_equal(s["labeled_idx"].numpy(), self.labeled_idx) or not same_ulb:
             fail(f"{a.out}: the labeled split differs from the checkpoint's (dataset changed?)")
         self.model.load_state_dict(s["model"])
         self.ema.load_state_dict(s["ema"])
@@ -472,6 +538,7 @@ class Run:
         if self.sampler_ulb:
             self.sampler_ulb.load_state_dict(s["sampler_ulb"])
         self.step, self.history, self.elapsed = s["step"], list(s["history"]), s["elapsed"]
+        self.last_test = s.get("last_test", {})
         self.stats = s["stats"].to(self.dev)
         self.pl_confusion = s["pl_confusion"].to(self.dev)
         self.skipped = s["skipped"]
@@ -583,13 +650,13 @@ def tb_scalars(tb, prefix: str, values: dict, step: int) -> None:
             tb.add_scalar(f"{prefix}/{k}", v, step)
 
 
-def epoch_metrics(run: Run, acc: float) -> dict:
+def epoch_metrics(run: Run, test: dict) -> dict:
     loss_sum, steps, n_ulb, conf, sel, unconf, conf_ok, sel_ok, w_sum, hat_ok, pw_ok = \
         run.stats.tolist()
     simmatch = run.args.loss == "simmatch" and n_ulb
     return {"step": run.step, "epoch": run.step / run.args.steps_per_epoch,
             "lr": lr_at(run.step - 1, run.total, run.args.lr), "loss": loss_sum / max(steps, 1),
-            "test_acc": acc, "confident": conf / max(n_ulb, 1), "entropy_selected": sel / max(n_ulb, 1),
+            **test, "confident": conf / max(n_ulb, 1), "entropy_selected": sel / max(n_ulb, 1),
             "unconfident": unconf / max(n_ulb, 1),
             "pl_acc_confident": conf_ok / conf if conf else None,
             "pl_acc_selected": sel_ok / sel if sel else None,
@@ -614,7 +681,7 @@ def device_name(dev: torch.device) -> str:
 def write_result(run: Run) -> dict:
     h = run.history
     res = {"final_acc": h[-1], "median_last20_acc": statistics.median(h[-20:]), "best_acc": max(h),
-           "evaluations": len(h), "steps": run.step, "wall_time_s": round(run.elapsed, 1),
+           "final": run.last_test, "labeled_counts": run.labeled_counts, "evaluations": len(h), "steps": run.step, "wall_time_s": round(run.elapsed, 1),
            "device": device_name(run.dev), "versions": versions(), "args": public_args(run.args)}
     tmp = os.path.join(run.args.out, "result.json.tmp")
     with open(tmp, "w") as fh:
@@ -717,9 +784,10 @@ def train_loop(run: Run, metrics_path: str, ipb: int, tb=None) -> None:
             t_log, step_log = now, run.step
         if run.step % steps_per_eval == 0 or run.step == run.total:
             run.check_finite()
-            acc = accuracy(run.ema, run.x_test, run.y_test, run.norm, args.eval_batch_size)
+            run.last_test = run.evaluate()
+            acc = run.last_test["test_acc"]
             run.history.append(acc)
-            m = epoch_metrics(run, acc)
+            m = epoch_metrics(run, run.last_test)
             append_jsonl(metrics_path, m)
             pct = lambda v: "-" if v is None else f"{100 * v:.1f} %"  # noqa: E731
             print(f"epoch {m['epoch']:.2f}: test acc {100 * acc:.2f} % (EMA) | pseudo-label "

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The long-tailed protocol of SeMi / USB's CISSL benchmark (SPEC 10), for every method in METHODS:
+#   CIFAR-10-LT  N1 1500 / M1 3000 / gamma 100, unlabeled consistent (100) and reversed (-100)
+#   CIFAR-100-LT N1 150  / M1 300  / gamma 10
+# then OUT_DIR/lt_table.md (overall and head / medium / tail accuracy, raw and logit-adjusted).
+# USB runs these 262,144 steps with mu = 2 (EPOCHS=256, MU=2 here).
+#
+#   bash run_lt.sh                                   # base entropy fixmatch, seed 0
+#   METHODS="fixmatch" HARD_WEIGHT=0.75 bash run_lt.sh   # SeMi's entropy hard-example weighting
+#   DRY_RUN=1 SEEDS="0 1 2" bash run_lt.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+
+SEEDS=${SEEDS:-0}
+METHODS=${METHODS:-base entropy fixmatch}
+EPOCHS=${EPOCHS:-256}
+MU=${MU:-2}
+ENTROPY_RATIO=${ENTROPY_RATIO:-0.2}   # beta for --loss entropy (the paper gives none for LT)
+HARD_WEIGHT=${HARD_WEIGHT:-}          # --hard-weight S for fixmatch / ccssl / simmatch
+DATA_DIR=${DATA_DIR:-data}
+OUT_DIR=${OUT_DIR:-results_lt}
+EXTRA_ARGS=${EXTRA_ARGS:-}
+PYTHON=${PYTHON:-python}
+DRY_RUN=${DRY_RUN:-0}
+
+# shellcheck disable=SC2206  # EXTRA_ARGS is a list of flags: split on purpose
+extra=($EXTRA_ARGS)
+show() { printf '%q ' "$@"; echo; }
+run() {
+  if [ "$DRY_RUN" = 1 ]; then show "$@"; else "$@"; fi
+}
+
+#        dataset  N1   M1   gamma_l gamma_u
+SETTINGS="cifar10  1500 3000 100     100
+          cifar10  1500 3000 100     -100
+          cifar100 150  300  10      10"
+
+for seed in $SEEDS; do
+  while read -r dataset n1 m1 gl gu; do
+    for loss in $METHODS; do
+      flags=()
+      [ "$loss" = entropy ] && flags+=(--entropy-ratio "$ENTROPY_RATIO")
+      tag=$loss
+      if [ -n "$HARD_WEIGHT" ] && [ "$loss" != base ] && [ "$loss" != entropy ]; then
+        flags+=(--hard-weight "$HARD_WEIGHT")
+        tag="${loss}_hw$HARD_WEIGHT"
+      fi
+      out="$OUT_DIR/${dataset}_lt${n1}-${m1}-${gl}-${gu}_${tag}_s${seed}"
+      cmd=("$PYTHON" train.py --dataset "$dataset" --lt-labeled "$n1" --lt-unlabeled "$m1"
+           --imb-ratio-l "$gl" --imb-ratio-u "$gu" --loss "$loss" --mu "$MU" --seed "$seed"
+           --epochs "$EPOCHS" --data-dir "$DATA_DIR" --out "$out" "${flags[@]}" "${extra[@]}")
+      if [ "$DRY_RUN" != 1 ] && [ -f "$out/result.json" ]; then
+        echo "skip (finished): $out"
+      else
+        [ "$DRY_RUN" = 1 ] || echo "run: $(show "${cmd[@]}")"
+        run "${cmd[@]}"
+      fi
+    done
+  done <<< "$SETTINGS"
+done
+
+run "$PYTHON" evaluate.py --lt-table "$OUT_DIR"

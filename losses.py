@@ -353,7 +353,9 @@ def simmatch_targets(probs_w: torch.Tensor, bank_logits: torch.Tensor, bank_labe
     with _no_autocast(probs_w):
         p_w = _f32(probs_w)
         q = torch.softmax(_f32(bank_logits), dim=1)
-        onehot = F.one_hot(bank_labels.long(), k).to(q.dtype)  # (L, K): the scatter as a matmul
+        # (L, K) one-hot by comparison: the scatter as a matmul (F.one_hot checks the label range,
+        # which reads the labels back to the host)
+        onehot = (bank_labels.long()[:, None] == torch.arange(k, device=q.device)).to(q.dtype)
         unfolded = q * (p_w @ onehot.T)
         norm = unfolded.sum(1, keepdim=True)
         q_hat = torch.where(norm > 0, unfolded / norm.clamp(min=1e-30), q)

@@ -139,11 +139,16 @@ def test_failed_download_leaves_no_data_dir(tmp_path, monkeypatch):
             open(os.path.join(root, "cifar-10-python.tar.gz.part"), "w").close()
             raise OSError("no network")
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
-    ddir, out = tmp_path / "data", tmp_path / "out"
+    ddir, out = tmp_path / "data", tmp_path / "runs" / "out"
     msg = one_line_exit(lambda: train.main(["--dataset", "cifar10", "--data-dir", str(ddir),
                                             "--out", str(out), "--device", "cpu"]))
     assert "could not be downloaded" in msg
-    assert not ddir.exists() and not out.exists()
+    assert not ddir.exists() and not (tmp_path / "runs").exists()  # nor the parent it made
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "other.txt").write_text("x")
+    one_line_exit(lambda: train.main(["--dataset", "cifar10", "--data-dir", str(ddir), "--out",
+                                      str(tmp_path / "keep" / "out"), "--device", "cpu"]))
+    assert (tmp_path / "keep" / "other.txt").exists() and not (tmp_path / "keep" / "out").exists()
 
 
 # ---------------------------------------------------------------- bad flags

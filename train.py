@@ -250,7 +250,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         split = (f"lt{args.lt_labeled}-{args.lt_unlabeled}-{args.imb_ratio_l:g}-{args.imb_ratio_u:g}"
                  if args.lt_labeled else str(args.labels_per_class))
         args.out = os.path.join("runs", f"{name}_{split}_{args.loss}_s{args.seed}")
-    args.out_created = not os.path.exists(args.out)  # removed again if the run fails at once
+    args.out_created = first_missing(args.out)  # removed again if the run fails at once
     try:
         os.makedirs(args.out, exist_ok=True)
         probe = os.path.join(args.out, ".write_test")
@@ -750,13 +750,27 @@ def load_checkpoint(out: str) -> tuple[dict | None, str | None]:
     return state, f
 
 
+def first_missing(path: str) -> str | None:
+    """The outermost folder of path that does not exist yet (None if path exists)."""
+    path, top = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, top = os.path.dirname(path), path
+    return top
+
+
 def remove_if_empty(args: argparse.Namespace) -> None:
-    """A run that failed before its first step leaves no empty --out behind."""
-    if getattr(args, "out_created", False):
+    """A run that failed before its first step leaves no empty --out behind, nor the empty
+    parent folders (e.g. runs/) that creating it made."""
+    top = getattr(args, "out_created", None)
+    path = os.path.abspath(args.out)
+    while top and path.startswith(top):
         try:
-            os.rmdir(args.out)  # only if empty
+            os.rmdir(path)  # only if empty
         except OSError:
-            pass
+            return
+        if path == top:
+            return
+        path = os.path.dirname(path)
 
 
 def train_loop(run: Run, metrics_path: str, ipb: int, tb=None) -> None:

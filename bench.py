@@ -157,6 +157,7 @@ def main() -> None:
     p.add_argument("--skip-train", action="store_true", help="skip (2), the slow part on CPU")
     p.add_argument("--methods", default="base entropy fixmatch ccssl simmatch",
                    help="--loss values timed in (2), space-separated")
+    p.add_argument("--ks", default="10 100", help="numbers of classes K timed in (2)")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
     args = p.parse_args()
     dev = torch.device(args.device)
@@ -188,7 +189,7 @@ def main() -> None:
         res["train"] = []
         print(f"\n(2) training step at the paper's batch, {args.arch}, {name}")
         with tempfile.TemporaryDirectory() as tmp:
-            for method, k in [(m, k) for m in args.methods.split() for k in (10, 100)]:
+            for method, k in [(m, int(k)) for m in args.methods.split() for k in args.ks.split()]:
                 r = bench_train(dev, k, steps, args.arch, args.compile, tmp, method)
                 res["train"].append(r)
                 print(f"    {method:>8s} K={k:3d} ({r['images']} img): {r['steps_s']:.2f} steps/s, "

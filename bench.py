@@ -1,4 +1,4 @@
-"""Throughput measurements (SPEC section 8): augmentation, training step, loss.
+"""Throughput measurements (README: Speed): augmentation, training step, loss.
 
     python bench.py                          # CPU, 1 thread for augmentation, writes nothing
     python bench.py --device cuda --compile --json bench_h100.json

@@ -80,7 +80,7 @@ def scores_all(model: torch.nn.Module, x_u8: torch.Tensor, normalize,
 
 
 def class_groups(labeled_counts: list[int]) -> dict[str, list[int]]:
-    """Head / medium / tail classes (SPEC 10): classes sorted by labeled count, most first (ties by
+    """Head / medium / tail classes (README: Long-tailed protocol): classes sorted by labeled count, most first (ties by
     class index), cut into ceil(K/3), K - 2 ceil(K/3) and ceil(K/3) classes."""
     k = len(labeled_counts)
     order = sorted(range(k), key=lambda c: (-labeled_counts[c], c))
@@ -95,7 +95,7 @@ def logit_adjusted(scores: torch.Tensor, prior: torch.Tensor, tau: float) -> tor
 
 def eval_metrics(scores: torch.Tensor, y: torch.Tensor, labeled_counts: list[int],
                  tau: float = 1.0) -> dict:
-    """Overall, per-class and head / medium / tail accuracy, raw and logit-adjusted (SPEC 10).
+    """Overall, per-class and head / medium / tail accuracy, raw and logit-adjusted (README: Long-tailed protocol).
     On a balanced test set the overall accuracy is the balanced accuracy."""
     k = scores.shape[1]
     prior = torch.tensor(labeled_counts, dtype=torch.float64) / max(sum(labeled_counts), 1)
@@ -184,11 +184,11 @@ def evaluate_checkpoint(path: str, per_class: bool = False, data_dir: str | None
 NOT_CONFIG = {"seed", "out", "data_dir", "device", "log_every", "eval_every", "save_every",
               "compile", "eval_batch_size", "tensorboard", "amp", "channels_last",
               "skip_nonfinite", "debug_nan_step", "out_created"}
-# the protocol of [N&O] Table 1 (SPEC 7); a run at another setting of these is its own row
+# the protocol of [N&O] Table 1 (README: Reconstruction notes); a run at another setting of these is its own row
 PROTOCOL = {"epochs": 256, "steps_per_epoch": 1024, "batch_size": 64, "mu": 7, "lr": 0.03,
             "arch": "wrn-28-2", "threshold": 0.95, "ema_decay": 0.999}
 CELLS = [("cifar10", 4), ("cifar10", 25), ("cifar100", 4), ("cifar100", 25)]
-# SPEC 9: accuracy %, in CELLS order (CIFAR-10 40 / 250 labels, CIFAR-100 400 / 2500, WRN-28-8)
+# published accuracy %, in CELLS order (CIFAR-10 40 / 250 labels, CIFAR-100 400 / 2500; WRN-28-8)
 PEER_PUBLISHED = {
     "fixmatch": ([86.19, 94.93, 51.15, 71.71], "FixMatch (RA), SimMatch paper Table 1"),
     "ccssl": ([90.83, 94.86, 61.19, 75.7], "CCSSL authors' README"),
@@ -318,7 +318,7 @@ LT_COLUMNS = [("overall", "test_acc"), ("head", "head_acc"), ("medium", "medium_
 
 
 def lt_table(results_dir: str) -> str:
-    """The long-tailed runs (SPEC 10): one row per setting and method configuration, final
+    """The long-tailed runs (README: Long-tailed protocol): one row per setting and method configuration, final
     accuracies mean ± std over seeds, raw and logit-adjusted, plus FixMatch's median of the
     last 20 evaluations."""
     cols = {name: collect_results(results_dir, lambda r, k=key: r.get("final", {}).get(k))

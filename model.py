@@ -1,5 +1,5 @@
 """WideResNet-28-2 backbone (as [G] ran it: USB's wrn_28_2), projection head and class prototypes
-(SPEC 6). `variant="tf"` is FixMatch's TensorFlow original instead.
+(README: Reconstruction notes). `variant="tf"` is FixMatch's TensorFlow original instead.
 
 Encoder f = backbone -> head Linear(C,128) -> ReLU -> Linear(128,128) -> L2 normalisation.
 Prototypes c_1..c_K are a trainable (K, 128) parameter, normalised where they are used.
@@ -82,7 +82,7 @@ class WideResNet(nn.Module):
 
 class Encoder(nn.Module):
     """Backbone + projection head (L2-normalised output) + K class prototypes, or, for the peer
-    methods (SPEC 9), a linear classifier on the pooled backbone feature instead of prototypes."""
+    methods (README: Peer methods), a linear classifier on the pooled backbone feature instead of prototypes."""
 
     def __init__(self, num_classes: int, arch: str = "wrn-28-2", dim: int = 128,
                  bn_momentum: float = BN_MOMENTUM, classifier: bool = False, variant: str = "usb"):
@@ -120,8 +120,8 @@ class Encoder(nn.Module):
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Nearest prototype by cosine similarity (SPEC 3, Prediction), or the argmax of the
-        classifier logits for the peer methods (SPEC 9)."""
+        """Nearest prototype by cosine similarity (README: Reconstruction notes, Prediction), or the argmax of the
+        classifier logits for the peer methods (README: Peer methods)."""
         return self.class_scores(x).argmax(1)
 
 

@@ -1,4 +1,4 @@
-"""losses.py against naive float64 loop references written from SPEC.md section 3."""
+"""losses.py against naive float64 loop references written from the README's Reconstruction notes."""
 import math
 
 import pytest
@@ -363,9 +363,9 @@ def test_pseudo_label_bad_input():
         prototype_probs(torch.randn(4, 8), torch.randn(5, 7))
 
 
-# ---------------------------------------------------------------- peer methods (SPEC 9)
+# ---------------------------------------------------------------- peer methods (README: Peer methods)
 # References: loops over rows and pairs in float64 torch scalars (so autograd gives reference
-# gradients), written from the SPEC text.
+# gradients), written from the README's description.
 
 from losses import (ccssl_supcon, distribution_alignment, fixmatch_mask,  # noqa: E402
                     masked_cross_entropy, simmatch_targets, soft_cross_entropy)

@@ -1,7 +1,8 @@
 """Train WRN-28-2 with the unified contrastive loss [G] (--loss base) or its entropy-weighted
-pair-weighted version [N&O] (--loss entropy). Defaults are the paper's (SPEC.md sections 3, 7).
-The peers FixMatch, CCSSL and SimMatch (--loss fixmatch | ccssl | simmatch) run under the same
-protocol; each method's step is in methods.py.
+pair-weighted version [N&O] (--loss entropy). Defaults are the paper's (README: Reconstruction
+notes). The peers FixMatch, CCSSL and SimMatch (--loss fixmatch | ccssl | simmatch) run under the
+same protocol; each method's step is in methods.py. --lt-labeled ... selects the long-tailed
+protocol.
 
     python train.py --dataset cifar10 --labels-per-class 4 --loss entropy
 
@@ -51,7 +52,7 @@ METHOD_FLAGS = {
 }
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Shows "(default: X)" except where the default is None: those flags resolve their default
     from others, and their help text says how."""
 
@@ -71,7 +72,7 @@ def get_args(argv=None) -> argparse.Namespace:
     # method
     a("--loss", choices=list(methods.STEPS), default="entropy",
       help="base = [G] Eqs. (5)-(7); entropy = [N&O] Eqs. (8)-(14); fixmatch, ccssl, simmatch = "
-           "the peer methods of SPEC 9 under the same protocol")
+           "the peer methods under the same protocol")
     a("--threshold", type=float, default=0.95,
       help="confidence threshold tau of Eq. (5) (the peers' mask threshold p_cutoff too)")
     a("--pl-temp", type=float, default=None,
@@ -84,7 +85,7 @@ def get_args(argv=None) -> argparse.Namespace:
     a("--pair-weight", choices=["geometric", "product"], default=None,
       help="entropy: pair weight sqrt(w_i w_p) of Eq. (8) (geometric, default) or CCSSL's "
            "product w_i w_p (ablation)")
-    # peer methods (SPEC 9)
+    # peer methods (README: Peer methods)
     a("--lambda-u", type=float, default=None,
       help="fixmatch/ccssl/simmatch: weight of the unlabeled cross-entropy (default 1)")
     a("--lambda-c", type=float, default=None, help="ccssl: weight of the contrastive term (default 1)")
@@ -103,7 +104,7 @@ def get_args(argv=None) -> argparse.Namespace:
     a("--hard-weight", type=float, default=None,
       help="fixmatch/ccssl/simmatch: SeMi's entropy hard-example weight s: each unlabeled loss "
            "term times s H(p)/log K + 1 - s, from epoch 5 on (default 0: off)")
-    # long-tailed protocol (SPEC 10)
+    # long-tailed protocol (README: Long-tailed protocol)
     a("--lt-labeled", type=int, default=None, metavar="N1",
       help="long-tailed split: labeled images of the head class (with --lt-unlabeled, --imb-ratio-l)")
     a("--lt-unlabeled", type=int, default=None, metavar="M1",
@@ -334,7 +335,7 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 def split_indices(y: np.ndarray, k: int, args) -> tuple[np.ndarray, np.ndarray]:
     """(labeled, unlabeled) training indices: the seeded per-class split with the whole training
-    set unlabeled (FixMatch, [G]), or the long-tailed split with disjoint sets (SPEC 10)."""
+    set unlabeled (FixMatch, [G]), or the long-tailed split with disjoint sets (README: Long-tailed protocol)."""
     if args.lt_labeled:
         return data.split_long_tailed(y, args.lt_labeled, args.lt_unlabeled, args.imb_ratio_l,
                                       args.imb_ratio_u, args.seed, k)

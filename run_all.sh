@@ -8,6 +8,7 @@
 #   METHODS="fixmatch ccssl simmatch base entropy" bash run_all.sh   # the peers too
 #   EPOCHS=16 EXTRA_ARGS="--compile" bash run_all.sh
 #   DRY_RUN=1 bash run_all.sh                     # print the commands only
+#   GPUS="0 1 2 3" bash run_all.sh                # one run per GPU in parallel (gpu_jobs.sh)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -27,6 +28,8 @@ show() {  # print a command with every argument shell-quoted, so it can be paste
   printf '%q ' "$@"
   echo
 }
+# shellcheck source=gpu_jobs.sh
+. ./gpu_jobs.sh
 
 for seed in $SEEDS; do
   for dataset in cifar10 cifar100; do
@@ -35,22 +38,23 @@ for seed in $SEEDS; do
         out="$OUT_DIR/${dataset}_${n}_${loss}_s${seed}"
         cmd=("$PYTHON" train.py --dataset "$dataset" --labels-per-class "$n" --loss "$loss"
              --seed "$seed" --epochs "$EPOCHS" --data-dir "$DATA_DIR" --out "$out" "${extra[@]}")
-        if [ "$DRY_RUN" = 1 ]; then
-          show "${cmd[@]}"
-        elif [ -f "$out/result.json" ]; then
+        if [ "$DRY_RUN" != 1 ] && [ -f "$out/result.json" ]; then
           echo "skip (finished): $out"
         else
-          echo "run: $(show "${cmd[@]}")"
-          "${cmd[@]}"
+          [ "$DRY_RUN" = 1 ] || [ -n "$GPUS" ] || echo "run: $(show "${cmd[@]}")"
+          submit "$out.log" "${cmd[@]}"
         fi
       done
     done
   done
 done
 
+status=0
+drain || status=1
 table=("$PYTHON" evaluate.py --table "$OUT_DIR")
 if [ "$DRY_RUN" = 1 ]; then
   show "${table[@]}"
 else
   "${table[@]}"
 fi
+exit $status

@@ -8,6 +8,7 @@
 #   bash run_lt.sh                                   # base entropy fixmatch, seed 0
 #   METHODS="fixmatch" HARD_WEIGHT=0.75 bash run_lt.sh   # SeMi's entropy hard-example weighting
 #   DRY_RUN=1 SEEDS="0 1 2" bash run_lt.sh
+#   GPUS="0 1" bash run_lt.sh                        # one run per GPU in parallel (gpu_jobs.sh)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -29,6 +30,8 @@ show() { printf '%q ' "$@"; echo; }
 run() {
   if [ "$DRY_RUN" = 1 ]; then show "$@"; else "$@"; fi
 }
+# shellcheck source=gpu_jobs.sh
+. ./gpu_jobs.sh
 
 #        dataset  N1   M1   gamma_l gamma_u
 SETTINGS="cifar10  1500 3000 100     100
@@ -52,11 +55,14 @@ for seed in $SEEDS; do
       if [ "$DRY_RUN" != 1 ] && [ -f "$out/result.json" ]; then
         echo "skip (finished): $out"
       else
-        [ "$DRY_RUN" = 1 ] || echo "run: $(show "${cmd[@]}")"
-        run "${cmd[@]}"
+        [ "$DRY_RUN" = 1 ] || [ -n "$GPUS" ] || echo "run: $(show "${cmd[@]}")"
+        submit "$out.log" "${cmd[@]}"
       fi
     done
   done <<< "$SETTINGS"
 done
 
+status=0
+drain || status=1
 run "$PYTHON" evaluate.py --lt-table "$OUT_DIR"
+exit $status

@@ -260,3 +260,48 @@ def test_help_documents_every_flag():
         assert f in p.stdout, f
     text = " ".join(p.stdout.split())  # help lines wrap
     assert "(default: 0.03)" in text and "(default: 256)" in text and "(default: 0.999)" in text
+
+
+STUB_PYTHON = """#!/usr/bin/env bash
+# stands in for python: train.py records when it ran on which GPU, sleeps, and fails for one cell
+if [ "$1" = train.py ]; then
+  while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done
+  echo "start $CUDA_VISIBLE_DEVICES $(date +%s.%N) $out" >> "$RECORD"
+  sleep 0.6
+  echo "end $CUDA_VISIBLE_DEVICES $(date +%s.%N) $out" >> "$RECORD"
+  case $out in *cifar100_25*) echo "boom" >&2; exit 3;; esac
+  mkdir -p "$out"
+else
+  exec "$REAL_PYTHON" "$@"
+fi
+"""
+
+
+def test_gpus_run_one_job_per_gpu_and_report_failures(tmp_path):
+    stub = tmp_path / "stub"
+    stub.write_text(STUB_PYTHON)
+    stub.chmod(0o755)
+    record = tmp_path / "record.txt"
+    env = dict(os.environ, GPUS="0 1", METHODS="base entropy ccssl", PYTHON=str(stub),
+               REAL_PYTHON=sys.executable, RECORD=str(record), OUT_DIR=str(tmp_path / "out"))
+    p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert p.returncode == 1, p.stdout + p.stderr  # one cell failed: reported, not fatal
+    events = [l.split() for l in record.read_text().splitlines()]
+    starts = [e for e in events if e[0] == "start"]
+    assert len(starts) == 12 and {e[1] for e in starts} == {"0", "1"}
+    assert len([e for e in events if e[0] == "end"]) == 12  # every job ran to its end
+    for gpu in ("0", "1"):  # on each GPU the jobs never overlap
+        spans = {}
+        for kind, g, t, out in events:
+            if g == gpu:
+                spans.setdefault(out, {})[kind] = float(t)
+        ordered = sorted(spans.values(), key=lambda s: s["start"])
+        assert all(a["end"] <= b["start"] for a, b in zip(ordered, ordered[1:]))
+    failed = [f"cifar100_25_{m}_s0.log" for m in ("base", "entropy", "ccssl")]
+    assert "3 job(s) failed" in p.stderr and all(f in p.stderr for f in failed)
+    assert "boom" in (tmp_path / "out" / "cifar100_25_base_s0.log").read_text()
+    dry = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], capture_output=True, text=True,
+                         env=dict(env, DRY_RUN="1"))
+    gpus = [l.split()[0] for l in dry.stdout.splitlines()[:-1]]
+    assert gpus == ["CUDA_VISIBLE_DEVICES=0", "CUDA_VISIBLE_DEVICES=1"] * 6

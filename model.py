@@ -35,6 +35,8 @@ class BasicBlock(nn.Module):
                          if c_in != c_out or stride != 1 else None)
         self.activate_before_residual = activate_before_residual
         self.raw_input = raw_input
+        if raw_input:  # bn1 is never used: no gradient to wait for (DDP), no update, as in USB
+            self.bn1.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         o = x if self.raw_input else F.leaky_relu(self.bn1(x), LEAKY)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import data
+import ddp
 import losses
 import methods
 from evaluate import CheckpointError, eval_metrics, read_checkpoint, scores_all
@@ -245,6 +246,13 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device}")
     if args.amp is None:
         args.amp = args.device.startswith("cuda")
+    _, local_rank, world_size = ddp.world()
+    if world_size > 1:  # torchrun: B and mu B are global and split evenly over the ranks
+        if args.batch_size % world_size or (args.mu * args.batch_size) % world_size:
+            p.error(f"--batch-size {args.batch_size} and mu x B = {args.mu * args.batch_size} must "
+                    f"divide by the {world_size} processes of torchrun")
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{local_rank}"  # one GPU per local rank
     if args.out is None:
         name = (os.path.splitext(os.path.basename(args.dataset[4:]))[0]
                 if args.dataset.startswith("npz:") else args.dataset)
@@ -254,7 +262,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     args.out_created = first_missing(args.out)  # removed again if the run fails at once
     try:
         os.makedirs(args.out, exist_ok=True)
-        probe = os.path.join(args.out, ".write_test")
+        probe = os.path.join(args.out, f".write_test.{os.getpid()}")  # one per process (torchrun)
         with open(probe, "w") as fh:
             fh.write("ok")
         os.remove(probe)
@@ -348,6 +356,9 @@ class Run:
     def __init__(self, args):
         self.args = args
         dev = self.dev = torch.device(args.device)
+        self.rank, _, self.world = ddp.world()
+        if self.world > 1:
+            ddp.init(dev.type)
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest convs once
         try:
@@ -373,8 +384,16 @@ class Run:
                              variant=args.wrn_variant).to(dev)
         if args.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if self.world > 1 and dev.type == "cuda":  # BN over the global batch, as [G] ran it
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.forward = torch.compile(self.model) if args.compile else self.model
+        self.forward = self.model
+        if self.world > 1:  # FixMatch does not use the projection head: DDP must allow that
+            self.forward = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                find_unused_parameters=args.loss == "fixmatch")
+        if args.compile:
+            self.forward = torch.compile(self.forward)
         self.opt = make_optimizer(self.model, args)
         self.amp_dtype = amp_dtype_for(dev) if args.amp else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
@@ -423,7 +442,10 @@ class Run:
             idx_ulb = self.ulb[self.sampler_ulb.next()]
             x_ulb, y_ulb, n_ulb = self.x_train[idx_ulb], self.y_train[idx_ulb], len(idx_ulb)
             parts += [data.weak(x_ulb, self.g_aug),
-                      data.strong(torch.cat([x_ulb] * self.n_strong), self.g_aug)]
+                      *data.strong(torch.cat([x_ulb] * self.n_strong), self.g_aug).split(n_ulb)]
+        self.view_sizes = [len(v) for v in parts]
+        if self.world > 1:  # the same global batch on every rank; each forwards its own slice
+            parts = ddp.local_views(parts, self.rank, self.world)
         return self.norm(torch.cat(parts)), y_lb, pos_lb, y_ulb, n_ulb
 
     def train_step(self) -> None:
@@ -432,6 +454,7 @@ class Run:
         with torch.autocast(self.dev.type, dtype=self.amp_dtype or torch.bfloat16,
                             enabled=self.amp_dtype is not None):
             z, logits = self.forward(x)
+        z, logits = (ddp.gather_views(t, self.view_sizes, self.world) for t in (z, logits))
         out = methods.split_views(z.float(), None if logits is None else logits.float(), len(y_lb),
                                   n_ulb, self.n_strong, y_lb, pos_lb, y_ulb)
         entropy_on = a.loss == "entropy" and self.step < a.entropy_epochs * a.steps_per_epoch
@@ -498,7 +521,7 @@ class Run:
         a = self.args
         return {
             "format": 1, "step": self.step, "args": public_args(a), "cwd": os.getcwd(),
-            "device_type": self.dev.type, "amp_dtype": str(self.amp_dtype),
+            "device_type": self.dev.type, "amp_dtype": str(self.amp_dtype), "world_size": self.world,
             "model": self.model.state_dict(), "ema": self.ema.state_dict(),
             "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
             "rng_torch": torch.get_rng_state(),
@@ -550,6 +573,10 @@ class Run:
         """What can change on resume: the device index, bf16 autocast on/off. What cannot: the
         device type (CPU and CUDA generators have different states) and fp16, whose GradScaler
         state (the loss scale) has no counterpart in a bf16 or fp32 run and vice versa."""
+        if s.get("world_size", 1) != self.world:
+            fail(f"{self.args.out} was trained with {s.get('world_size', 1)} process(es) and cannot "
+                 f"resume with {self.world}: the global batch is split differently; resume with "
+                 f"torchrun --nproc_per_node={s.get('world_size', 1)}, or start a new --out")
         was = s.get("device_type", "cpu")
         if was != self.dev.type:
             fail(f"{self.args.out} was trained on {was} and cannot resume on {self.dev.type} (the "
@@ -697,16 +724,19 @@ def main(argv=None) -> dict:
     args = get_args(argv)
     try:
         run = Run(args)
-        state, f = load_checkpoint(args.out)
+        state, f = load_checkpoint_all_ranks(run)
     except SystemExit:
         remove_if_empty(args)
         raise
+    if run.rank != 0:  # rank 0 alone prints, evaluates, logs and checkpoints
+        sys.stdout = open(os.devnull, "w")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     if state is not None:
         run.load_state_dict(state)
-        truncate_metrics(metrics_path, run.step)
+        if run.rank == 0:
+            truncate_metrics(metrics_path, run.step)
         print(f"resumed from {f} at step {run.step}/{run.total}")
-    elif os.path.exists(metrics_path):
+    elif os.path.exists(metrics_path) and run.rank == 0:
         os.remove(metrics_path)  # a fresh run; old metrics without a checkpoint are stale
     ipb = args.batch_size * (1 + (1 + run.n_strong) * args.mu)
     print(f"{args.dataset}: {len(run.x_train)} train / {len(run.x_test)} test images, {run.k} "
@@ -718,7 +748,7 @@ def main(argv=None) -> dict:
             f"amp {str(run.amp_dtype).replace('torch.', '') if run.amp_dtype else 'off'} | "
             f"{run.total} steps x {ipb} images -> {args.out}", flush=True)
 
-    tb = open_tensorboard(args.out, run.step) if args.tensorboard else None
+    tb = open_tensorboard(args.out, run.step) if args.tensorboard and run.rank == 0 else None
     try:
         train_loop(run, metrics_path, ipb, tb)
     except KeyboardInterrupt:
@@ -726,11 +756,27 @@ def main(argv=None) -> dict:
              f"last checkpoint in {args.out}")
     if tb is not None:
         tb.close()
+    if run.rank != 0:
+        return {}
     res = write_result(run)
     print(f"done: final {100 * res['final_acc']:.2f} %, median of last 20 "
           f"{100 * res['median_last20_acc']:.2f} %, best {100 * res['best_acc']:.2f} % "
           f"-> {args.out}/result.json", flush=True)
     return res
+
+
+def load_checkpoint_all_ranks(run: Run) -> tuple[dict | None, str | None]:
+    """Rank 0 reads (and may move a corrupt last.pt aside) first; the other ranks then read the
+    same file, so every rank resumes from the same state."""
+    if run.world == 1:
+        return load_checkpoint(run.args.out)
+    import torch.distributed as dist
+    if run.rank == 0:
+        found = load_checkpoint(run.args.out)
+    dist.barrier()
+    if run.rank != 0:
+        found = load_checkpoint(run.args.out)
+    return found
 
 
 def load_checkpoint(out: str) -> tuple[dict | None, str | None]:
@@ -797,6 +843,8 @@ def train_loop(run: Run, metrics_path: str, ipb: int, tb=None) -> None:
                 tb_scalars(tb, "train", {"loss": s[0] / max(s[1], 1), "img_s": rate * ipb,
                                          "lr": lr_at(run.step - 1, run.total, args.lr)}, run.step)
             t_log, step_log = now, run.step
+        if run.rank != 0:  # the other ranks only train
+            continue
         if run.step % steps_per_eval == 0 or run.step == run.total:
             run.check_finite()
             run.last_test = run.evaluate()

@@ -1,0 +1,47 @@
+"""One run across several GPUs or machines with torchrun (README: More than one GPU).
+
+    torchrun --nproc_per_node=4 train.py --dataset cifar10 --labels-per-class 4 --loss entropy
+
+Every rank draws the same global index stream and the same augmentation parameters (same
+generator seeds), augments the whole global batch and keeps its own slice of each view (the
+augmentation is a few per cent of a step, so doing it N times costs little and makes the ranks
+together see exactly the single-process batch). After the forward pass the outputs of all ranks
+are all-gathered *with gradient* and put back in single-process order, so every rank computes the
+loss, the pseudo-labels and the statistics of the global batch, exactly the single-GPU formulas.
+
+Gradient arithmetic: every rank computes the same global loss L. all_gather's backward sums the
+gradient of each rank's copy of L, so a rank's local rows receive N dL/dz; DDP then averages the
+parameter gradients over the N ranks: (1/N) sum_r N dL/dtheta_r = dL/dtheta, the single-process
+gradient (tested on CPU with gloo).
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int, int]:
+    """(rank, local rank, world size) from torchrun's environment; (0, 0, 1) without it."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def init(device_type: str) -> None:
+    """nccl between GPUs, gloo on CPU; the address comes from torchrun's environment."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+
+
+def local_views(views: list[torch.Tensor], rank: int, world_size: int) -> list[torch.Tensor]:
+    """This rank's contiguous slice of each view of the global batch."""
+    return [v[rank * len(v) // world_size:(rank + 1) * len(v) // world_size] for v in views]
+
+
+def gather_views(t: torch.Tensor | None, sizes: list[int], world_size: int) -> torch.Tensor | None:
+    """t holds this rank's rows [view 0 slice; view 1 slice; ...]; returns the global rows
+    [view 0; view 1; ...] of all ranks, in single-process order, differentiable."""
+    if t is None or world_size == 1:
+        return t
+    from torch.distributed.nn.functional import all_gather
+    per_rank = [p.split([s // world_size for s in sizes]) for p in all_gather(t.contiguous())]
+    return torch.cat([torch.cat([chunks[j] for chunks in per_rank]) for j in range(len(sizes))])

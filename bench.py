@@ -2,6 +2,7 @@
 
     python bench.py                          # CPU, 1 thread for augmentation, writes nothing
     python bench.py --device cuda --compile --json bench_h100.json
+    torchrun --nproc_per_node=2 bench.py --threads 1 --skip-aug --methods entropy   # per world size
 
 (1) strong augmentation, images/s: data.py's batched path vs per-sample PIL RandAugment through
     torchvision (flip, reflect-crop, RandAugment(3 ops), Cutout), same device and threads;
@@ -139,36 +140,29 @@ def bench_train(dev: torch.device, k: int, steps: int, arch: str, compile_: bool
     peak = (torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     return {"method": method, "k": k, "arch": arch, "compile": compile_, "amp": str(run.amp_dtype),
+            "world_size": run.world, "comm_mib_per_step": comm_mib(run, images),
             "images": images,
             "step_ms": 1e3 * t_step, "steps_s": 1 / t_step, "images_s": images / t_step,
             "batch_ms": 1e3 * t_batch, "data_share": t_batch / t_step,
             "peak_mem_gib": peak, "hours_262144_steps": PAPER_STEPS * t_step / 3600}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=1, help="torch (and PIL: one process) threads")
-    p.add_argument("--aug-batch", type=int, default=448, help="images per augmentation batch")
-    p.add_argument("--repeat", type=int, default=None, help="timed repetitions (default 10 / 30 CUDA)")
-    p.add_argument("--steps", type=int, default=None, help="timed training steps (default 2 / 50 CUDA)")
-    p.add_argument("--arch", default="wrn-28-2")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model in (2)")
-    p.add_argument("--skip-train", action="store_true", help="skip (2), the slow part on CPU")
-    p.add_argument("--methods", default="base entropy fixmatch ccssl simmatch",
-                   help="--loss values timed in (2), space-separated")
-    p.add_argument("--ks", default="10 100", help="numbers of classes K timed in (2)")
-    p.add_argument("--json", metavar="OUT", help="write the results as JSON")
-    args = p.parse_args()
-    dev = torch.device(args.device)
-    torch.set_num_threads(args.threads)
-    cuda = dev.type == "cuda"
-    repeat = args.repeat or (30 if cuda else 10)
-    steps = args.steps or (50 if cuda else 2)
-    name = torch.cuda.get_device_name(dev) if cuda else f"CPU, {args.threads} thread(s)"
-    res = {"device": name, "threads": args.threads, "torch": torch.__version__}
+def comm_mib(run, images: int) -> float:
+    """MiB each rank sends and receives per step under torchrun (0 for one process): the
+    all-gather of the outputs (z and logits, float32) and DDP's ring all-reduce of the gradients,
+    2 (N - 1) / N times their size."""
+    n = run.world
+    if n == 1:
+        return 0.0
+    width = 128 + (run.k if run.args.loss in ("fixmatch", "ccssl", "simmatch") else 0)
+    grads = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    gather = images * width * (n - 1) / n
+    return 4 * (gather + 2 * grads * (n - 1) / n) / 2**20
 
-    res["augmentation"] = a = bench_augmentation(dev, args.aug_batch, repeat)
+
+def aug_and_loss(res: dict, dev: torch.device, aug_batch: int, repeat: int, name: str) -> None:
+    """(1) augmentation and (3) loss timings, printed and stored in res."""
+    res["augmentation"] = a = bench_augmentation(dev, aug_batch, repeat)
     print(f"\n(1) strong augmentation, {a['batch']}-image batches, {name}")
     print(f"    ours (batched, {dev.type})   {a['ours_strong_img_s']:10.0f} img/s   "
           f"(weak alone {a['ours_weak_img_s']:.0f} img/s)")
@@ -185,6 +179,33 @@ def main() -> None:
               f"Eq. (8) {r['pair_weighted_ms']:.2f} ms ({r['pair_vs_plain']:.2f}x), "
               f"Eq. (6) {r['anchor_weighted_ms']:.2f} ms")
 
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch (and PIL: one process) threads")
+    p.add_argument("--aug-batch", type=int, default=448, help="images per augmentation batch")
+    p.add_argument("--repeat", type=int, default=None, help="timed repetitions (default 10 / 30 CUDA)")
+    p.add_argument("--steps", type=int, default=None, help="timed training steps (default 2 / 50 CUDA)")
+    p.add_argument("--arch", default="wrn-28-2")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model in (2)")
+    p.add_argument("--skip-train", action="store_true", help="skip (2), the slow part on CPU")
+    p.add_argument("--skip-aug", action="store_true", help="skip (1) and (3): the step only")
+    p.add_argument("--methods", default="base entropy fixmatch ccssl simmatch",
+                   help="--loss values timed in (2), space-separated")
+    p.add_argument("--ks", default="10 100", help="numbers of classes K timed in (2)")
+    p.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    args = p.parse_args()
+    dev = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    cuda = dev.type == "cuda"
+    repeat = args.repeat or (30 if cuda else 10)
+    steps = args.steps or (50 if cuda else 2)
+    name = torch.cuda.get_device_name(dev) if cuda else f"CPU, {args.threads} thread(s)"
+    res = {"device": name, "threads": args.threads, "torch": torch.__version__}
+
+    if not args.skip_aug:
+        aug_and_loss(res, dev, args.aug_batch, repeat, name)
     if not args.skip_train:
         res["train"] = []
         print(f"\n(2) training step at the paper's batch, {args.arch}, {name}")
@@ -196,8 +217,10 @@ def main() -> None:
                       f"{r['images_s']:.0f} img/s, "
                       f"step {r['step_ms']:.0f} ms of which batch (data) {r['batch_ms']:.0f} ms "
                       f"({100 * r['data_share']:.0f} %), peak mem {r['peak_mem_gib']:.2f} GiB, "
-                      f"262,144 steps = {r['hours_262144_steps']:.1f} h")
-    if args.json:
+                      f"262,144 steps = {r['hours_262144_steps']:.1f} h"
+                      + (f", {r['world_size']} processes, {r['comm_mib_per_step']:.1f} MiB "
+                         f"communicated per rank and step" if r["world_size"] > 1 else ""))
+    if args.json and int(os.environ.get("RANK", 0)) == 0:
         with open(args.json, "w") as fh:
             json.dump(res, fh, indent=1)
         print(f"\nwrote {args.json}")

@@ -1,7 +1,7 @@
 """Datasets, the labeled/unlabeled split, index sampling and batched on-device augmentation.
 
 The training images live on the training device as uint8 (N, 3, H, W). A step draws index
-batches and augments whole batches at once with per-image random parameters (README: Reconstruction notes, Speed):
+batches and augments whole batches at once with per-image random parameters (README: notes, Speed):
 
     weak   alpha : horizontal flip, then translation by up to 4 px with reflect padding
     strong A     : weak, then RandAugment as in USB / [G] (3 ops drawn with replacement from 14,
@@ -164,8 +164,8 @@ def split_labeled(y: np.ndarray, n_per_class: int, seed: int, num_classes: int |
 
 
 def lt_counts(n1: int, gamma: float, num_classes: int) -> list[int]:
-    """Long-tailed class counts (README: Long-tailed protocol): N_k = floor(N_1 gamma^(-(k-1)/(K-1))), k = 1..K, class 1
-    (index 0) the head, the last class exactly floor(N_1 / gamma). gamma = 1 is uniform; a negative
+    """Long-tailed class counts (README: long-tailed):
+    N_k = floor(N_1 gamma^(-(k-1)/(K-1))), k = 1..K, class 1 (index 0) the head, the last class exactly floor(N_1 / gamma). gamma = 1 is uniform; a negative
     gamma gives the list of |gamma| reversed (head classes rare)."""
     if num_classes < 2:
         raise ValueError(f"a long-tailed split needs at least 2 classes, got {num_classes}")
@@ -180,7 +180,7 @@ def lt_counts(n1: int, gamma: float, num_classes: int) -> list[int]:
 
 def split_long_tailed(y: np.ndarray, n1: int, m1: int, gamma_l: float, gamma_u: float, seed: int,
                       num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Labeled and unlabeled indices of the long-tailed protocol (README: Long-tailed protocol; as USB's CISSL setup):
+    """Labeled and unlabeled indices of the long-tailed protocol (README: long-tailed; USB's CISSL):
     per class a seeded shuffle, the first N_k labeled, the next M_k unlabeled (disjoint)."""
     n_l, n_u = lt_counts(n1, gamma_l, num_classes), lt_counts(m1, gamma_u, num_classes)
     rng = np.random.default_rng(seed)

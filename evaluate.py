@@ -80,8 +80,8 @@ def scores_all(model: torch.nn.Module, x_u8: torch.Tensor, normalize,
 
 
 def class_groups(labeled_counts: list[int]) -> dict[str, list[int]]:
-    """Head / medium / tail classes (README: Long-tailed protocol): classes sorted by labeled count, most first (ties by
-    class index), cut into ceil(K/3), K - 2 ceil(K/3) and ceil(K/3) classes."""
+    """Head / medium / tail classes (README: long-tailed): classes sorted by labeled count, most
+    first (ties by class index), cut into ceil(K/3), K - 2 ceil(K/3) and ceil(K/3) classes."""
     k = len(labeled_counts)
     order = sorted(range(k), key=lambda c: (-labeled_counts[c], c))
     third = -(-k // 3)
@@ -95,7 +95,8 @@ def logit_adjusted(scores: torch.Tensor, prior: torch.Tensor, tau: float) -> tor
 
 def eval_metrics(scores: torch.Tensor, y: torch.Tensor, labeled_counts: list[int],
                  tau: float = 1.0) -> dict:
-    """Overall, per-class and head / medium / tail accuracy, raw and logit-adjusted (README: Long-tailed protocol).
+    """Overall, per-class and head / medium / tail accuracy, raw and logit-adjusted (README:
+    long-tailed).
     On a balanced test set the overall accuracy is the balanced accuracy."""
     k = scores.shape[1]
     prior = torch.tensor(labeled_counts, dtype=torch.float64) / max(sum(labeled_counts), 1)
@@ -184,7 +185,7 @@ def evaluate_checkpoint(path: str, per_class: bool = False, data_dir: str | None
 NOT_CONFIG = {"seed", "out", "data_dir", "device", "log_every", "eval_every", "save_every",
               "compile", "eval_batch_size", "tensorboard", "amp", "channels_last",
               "skip_nonfinite", "debug_nan_step", "out_created"}
-# the protocol of [N&O] Table 1 (README: Reconstruction notes); a run at another setting of these is its own row
+# the protocol of [N&O] Table 1 (README: notes); a run at another setting of these is its own row
 PROTOCOL = {"epochs": 256, "steps_per_epoch": 1024, "batch_size": 64, "mu": 7, "lr": 0.03,
             "arch": "wrn-28-2", "threshold": 0.95, "ema_decay": 0.999}
 CELLS = [("cifar10", 4), ("cifar10", 25), ("cifar100", 4), ("cifar100", 25)]
@@ -318,7 +319,7 @@ LT_COLUMNS = [("overall", "test_acc"), ("head", "head_acc"), ("medium", "medium_
 
 
 def lt_table(results_dir: str) -> str:
-    """The long-tailed runs (README: Long-tailed protocol): one row per setting and method configuration, final
+    """The long-tailed runs (README: long-tailed): one row per setting and method configuration, final
     accuracies mean ± std over seeds, raw and logit-adjusted, plus FixMatch's median of the
     last 20 evaluations."""
     cols = {name: collect_results(results_dir, lambda r, k=key: r.get("final", {}).get(k))
@@ -515,7 +516,8 @@ def main(argv=None) -> None:
             except (CheckpointError, ValueError, RuntimeError) as e:
                 sys.exit(f"evaluate.py: error: {e}")
         return
-    for folder, make, name in ((args.table, table1, "table1.md"), (args.lt_table, lt_table, "lt_table.md")):
+    tables = ((args.table, table1, "table1.md"), (args.lt_table, lt_table, "lt_table.md"))
+    for folder, make, name in tables:
         if folder:
             if not os.path.isdir(folder):
                 p.error(f"{folder} is not a directory")

@@ -1,7 +1,7 @@
 """One training step per method: from the forward pass of one batch to (loss, diagnostics).
 
-    contrastive_step   --loss base | entropy   [G] Eqs. (4)-(7) / [N&O] Eqs. (8)-(14)   (README: Reconstruction notes)
-    fixmatch_step      --loss fixmatch         Sohn et al. 2020                          (README: Peer methods)
+    contrastive_step   --loss base | entropy   [G] Eqs. (4)-(7) / [N&O] Eqs. (8)-(14)   (README: notes)
+    fixmatch_step      --loss fixmatch         Sohn et al. 2020                          (README: peers)
     ccssl_step         --loss ccssl            Yang et al. 2022: FixMatch + class-aware contrast
     simmatch_step      --loss simmatch         Zheng et al. 2022, as USB runs it on CIFAR
 
@@ -124,7 +124,7 @@ def contrastive_loss(feats, labels, weights, a) -> torch.Tensor:
                                        pair=a.pair_weight)
 
 
-# ---------------------------------------------------------------- peers (README: Peer methods)
+# ---------------------------------------------------------------- peers (README: peers)
 
 def weak_teacher(o: Out) -> torch.Tensor:
     """p_b = softmax(logits(alpha(u_b))) of the online model, temperature 1, no gradient."""
@@ -139,7 +139,7 @@ HARD_WEIGHT_EPOCH = 5  # SeMi's entropy hard-example weighting starts after 5 ep
 
 
 def hard_weight(target: torch.Tensor, a, epoch: int) -> torch.Tensor | float:
-    """SeMi's OHEML weight of each unlabeled loss term (README: Long-tailed protocol), from the teacher's target
+    """SeMi's OHEML weight of each unlabeled loss term (README: long-tailed), from the teacher's target
     distribution; 1 without --hard-weight or during the first epochs."""
     if not a.hard_weight or epoch < HARD_WEIGHT_EPOCH:
         return 1.0
@@ -159,7 +159,7 @@ def fixmatch_step(o: Out, model, a, entropy_on: bool = False, state=None, epoch:
 
 def ccssl_step(o: Out, model, a, entropy_on: bool = False, state=None, epoch: int = 0):
     """FixMatch on strong view 1, plus lambda_c times the class-aware contrastive loss over the
-    projections [z^1; z^2] of all unlabeled samples, targets weighted by c_i c_j (README: Peer methods)."""
+    projections [z^1; z^2] of all unlabeled samples, targets weighted by c_i c_j (README: peers)."""
     if o.z_w is None:
         return supervised_ce(o), *no_unlabeled(o.y_lb.device, o.logits_lb.shape[1])
     p = weak_teacher(o)
@@ -210,7 +210,8 @@ class SimMatchState:
 
     def state_dict(self) -> dict:
         # copies: .cpu() of a CPU tensor is the tensor itself, and align() updates in place
-        return {k: getattr(self, k).detach().cpu().clone() for k in ("bank", "labels", "queue", "filled")}
+        return {k: getattr(self, k).detach().cpu().clone()
+                for k in ("bank", "labels", "queue", "filled")}
 
     def load_state_dict(self, s: dict) -> None:
         dev = self.bank.device
@@ -220,7 +221,7 @@ class SimMatchState:
 
 def simmatch_step(o: Out, model, a, entropy_on: bool = False, state: SimMatchState = None,
                   epoch: int = 0):
-    """Lx + lambda_u Lu + lambda_in L_in with labeled-bank label propagation (README: Peer methods).
+    """Lx + lambda_u Lu + lambda_in L_in with labeled-bank label propagation (README: peers).
 
     The bank is read before the step's loss and updated with the labeled batch afterwards."""
     if o.z_w is None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The long-tailed protocol of SeMi / USB's CISSL benchmark (README: Long-tailed protocol), for every method in METHODS:
+# The long-tailed protocol of SeMi / USB's CISSL benchmark (README: long-tailed), for every method in METHODS:
 #   CIFAR-10-LT  N1 1500 / M1 3000 / gamma 100, unlabeled consistent (100) and reversed (-100)
 #   CIFAR-100-LT N1 150  / M1 300  / gamma 10
 # then OUT_DIR/lt_table.md (overall and head / medium / tail accuracy, raw and logit-adjusted).

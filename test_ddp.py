@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train
-from conftest import drop, tiny_args
+from conftest import tiny_args
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

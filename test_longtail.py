@@ -1,4 +1,4 @@
-"""The long-tailed protocol (README: Long-tailed protocol): class counts, the split, head / medium / tail and
+"""The long-tailed protocol (README: long-tailed): class counts, the split, head / medium / tail and
 logit-adjusted accuracy, SeMi's entropy hard-example weight, and the run end to end."""
 import json
 import math

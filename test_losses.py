@@ -363,7 +363,7 @@ def test_pseudo_label_bad_input():
         prototype_probs(torch.randn(4, 8), torch.randn(5, 7))
 
 
-# ---------------------------------------------------------------- peer methods (README: Peer methods)
+# ---------------------------------------------------------------- peer methods (README: peers)
 # References: loops over rows and pairs in float64 torch scalars (so autograd gives reference
 # gradients), written from the README's description.
 

@@ -149,7 +149,7 @@ def test_ccssl_step_adds_the_class_aware_term_on_both_strong_views():
 
 
 def simmatch64(o, a, bank, bank_labels, queue, epoch):
-    """SimMatch's step from the README's Peer methods section, written with loops in float64. Returns loss and new bank."""
+    """SimMatch's step from the README's peer methods, written with loops in float64. Returns loss and new bank."""
     p_w = torch.softmax(o.logits_w.double(), 1)
     queue = queue + [p_w.mean(0)]
     queue = queue[-a.da_len:]

@@ -1,7 +1,6 @@
 """What a run shows while it trains: per-class pseudo-label counters and the pseudo-label
 confusion (against loops), and TensorBoard scalars (tags, steps, no duplicates after a resume)."""
 import json
-import os
 import signal
 
 import numpy as np

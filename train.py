@@ -86,7 +86,7 @@ def get_args(argv=None) -> argparse.Namespace:
     a("--pair-weight", choices=["geometric", "product"], default=None,
       help="entropy: pair weight sqrt(w_i w_p) of Eq. (8) (geometric, default) or CCSSL's "
            "product w_i w_p (ablation)")
-    # peer methods (README: Peer methods)
+    # peer methods (README: peers)
     a("--lambda-u", type=float, default=None,
       help="fixmatch/ccssl/simmatch: weight of the unlabeled cross-entropy (default 1)")
     a("--lambda-c", type=float, default=None, help="ccssl: weight of the contrastive term (default 1)")
@@ -105,7 +105,7 @@ def get_args(argv=None) -> argparse.Namespace:
     a("--hard-weight", type=float, default=None,
       help="fixmatch/ccssl/simmatch: SeMi's entropy hard-example weight s: each unlabeled loss "
            "term times s H(p)/log K + 1 - s, from epoch 5 on (default 0: off)")
-    # long-tailed protocol (README: Long-tailed protocol)
+    # long-tailed protocol (README: long-tailed)
     a("--lt-labeled", type=int, default=None, metavar="N1",
       help="long-tailed split: labeled images of the head class (with --lt-unlabeled, --imb-ratio-l)")
     a("--lt-unlabeled", type=int, default=None, metavar="M1",
@@ -343,7 +343,7 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 def split_indices(y: np.ndarray, k: int, args) -> tuple[np.ndarray, np.ndarray]:
     """(labeled, unlabeled) training indices: the seeded per-class split with the whole training
-    set unlabeled (FixMatch, [G]), or the long-tailed split with disjoint sets (README: Long-tailed protocol)."""
+    set unlabeled (FixMatch, [G]), or the long-tailed split with disjoint sets (README: long-tailed)."""
     if args.lt_labeled:
         return data.split_long_tailed(y, args.lt_labeled, args.lt_unlabeled, args.imb_ratio_l,
                                       args.imb_ratio_u, args.seed, k)
@@ -709,7 +709,8 @@ def device_name(dev: torch.device) -> str:
 def write_result(run: Run) -> dict:
     h = run.history
     res = {"final_acc": h[-1], "median_last20_acc": statistics.median(h[-20:]), "best_acc": max(h),
-           "final": run.last_test, "labeled_counts": run.labeled_counts, "evaluations": len(h), "steps": run.step, "wall_time_s": round(run.elapsed, 1),
+           "final": run.last_test, "labeled_counts": run.labeled_counts, "evaluations": len(h),
+           "steps": run.step, "wall_time_s": round(run.elapsed, 1),
            "device": device_name(run.dev), "versions": versions(), "args": public_args(run.args)}
     tmp = os.path.join(run.args.out, "result.json.tmp")
     with open(tmp, "w") as fh:

@@ -51,14 +51,7 @@ def predict_all(model: torch.nn.Module, x_u8: torch.Tensor, normalize,
     """Predictions (nearest prototype, or classifier argmax for the peers) for uint8 images
     (N, 3, H, W), model in eval mode, in float32: autocast is switched off even inside a caller's
     autocast region, so training-time and evaluate.py accuracies agree, as in [G]'s evaluation."""
-    was_training = model.training
-    model.eval()
-    preds = []
-    for i in range(0, len(x_u8), batch_size):
-        with torch.autocast(x_u8.device.type, enabled=False):
-            preds.append(model.predict(normalize(x_u8[i:i + batch_size])))
-    model.train(was_training)
-    return torch.cat(preds)
+    return scores_all(model, x_u8, normalize, batch_size).argmax(1)
 
 
 def accuracy(model, x_u8, y, normalize, batch_size: int = 1024) -> float:
@@ -68,7 +61,7 @@ def accuracy(model, x_u8, y, normalize, batch_size: int = 1024) -> float:
 @torch.no_grad()
 def scores_all(model: torch.nn.Module, x_u8: torch.Tensor, normalize,
                batch_size: int = 1024) -> torch.Tensor:
-    """(N, K) class scores (model.class_scores) in eval mode and float32, like predict_all."""
+    """(N, K) class scores (model.class_scores) in eval mode and float32 (autocast off)."""
     was_training = model.training
     model.eval()
     out = []

@@ -55,6 +55,17 @@ reap_one() {  # wait until one running job has ended; give its GPU back
   done
 }
 
+run_job() {  # run_job OUT CMD...: skip a finished run (OUT/result.json), else submit it
+  local out=$1
+  shift
+  if [ "$DRY_RUN" != 1 ] && [ -f "$out/result.json" ]; then
+    echo "skip (finished): $out"
+  else
+    [ "$DRY_RUN" = 1 ] || [ -n "$GPUS" ] || echo "run: $(show "$@")"
+    submit "$out.log" "$@"
+  fi
+}
+
 drain() {  # wait for every job; list the failed ones; return 1 if any failed
   while [ ${#JOB_GPU[@]} -gt 0 ]; do
     reap_one

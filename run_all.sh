@@ -38,12 +38,7 @@ for seed in $SEEDS; do
         out="$OUT_DIR/${dataset}_${n}_${loss}_s${seed}"
         cmd=("$PYTHON" train.py --dataset "$dataset" --labels-per-class "$n" --loss "$loss"
              --seed "$seed" --epochs "$EPOCHS" --data-dir "$DATA_DIR" --out "$out" "${extra[@]}")
-        if [ "$DRY_RUN" != 1 ] && [ -f "$out/result.json" ]; then
-          echo "skip (finished): $out"
-        else
-          [ "$DRY_RUN" = 1 ] || [ -n "$GPUS" ] || echo "run: $(show "${cmd[@]}")"
-          submit "$out.log" "${cmd[@]}"
-        fi
+        run_job "$out" "${cmd[@]}"
       done
     done
   done

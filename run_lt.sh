@@ -52,12 +52,7 @@ for seed in $SEEDS; do
       cmd=("$PYTHON" train.py --dataset "$dataset" --lt-labeled "$n1" --lt-unlabeled "$m1"
            --imb-ratio-l "$gl" --imb-ratio-u "$gu" --loss "$loss" --mu "$MU" --seed "$seed"
            --epochs "$EPOCHS" --data-dir "$DATA_DIR" --out "$out" "${flags[@]}" "${extra[@]}")
-      if [ "$DRY_RUN" != 1 ] && [ -f "$out/result.json" ]; then
-        echo "skip (finished): $out"
-      else
-        [ "$DRY_RUN" = 1 ] || [ -n "$GPUS" ] || echo "run: $(show "${cmd[@]}")"
-        submit "$out.log" "${cmd[@]}"
-      fi
+      run_job "$out" "${cmd[@]}"
     done
   done <<< "$SETTINGS"
 done

@@ -163,6 +163,53 @@ def split_labeled(y: np.ndarray, n_per_class: int, seed: int, num_classes: int |
                            "training images", "labels per class asked for")
 
 
+def read_index_file(path: str) -> np.ndarray:
+    """A labeled set written by query.py or by hand: training-set indices, one per line in a text
+    file (blank lines and # comments ignored) or a 1-D integer .npy. Returned sorted, int64.
+    Not empty, no duplicates, no negatives; the upper bound is checked against the dataset by
+    check_index_range. Every problem is a ValueError naming the file and the fix."""
+    if not os.path.isfile(path):
+        raise ValueError(f"labeled index file {path!r} does not exist")
+    if path.endswith(".npy"):
+        try:
+            a = np.load(path, allow_pickle=False)
+        except Exception as e:  # noqa: BLE001 - any unreadable .npy is the same error to the user
+            raise ValueError(f"{path}: not a readable .npy array ({type(e).__name__})") from None
+        if a.ndim != 1 or not (np.issubdtype(a.dtype, np.integer) or a.size == 0):
+            raise ValueError(f"{path}: expected a 1-D integer array of training indices, got "
+                             f"shape {a.shape} dtype {a.dtype}")
+    else:
+        vals = []
+        with open(path, errors="replace") as fh:
+            for n, line in enumerate(fh, 1):
+                line = line.split("#")[0].strip()
+                if not line:
+                    continue
+                try:
+                    vals.append(int(line))
+                except ValueError:
+                    raise ValueError(f"{path}, line {n}: {line[:40]!r} is not an integer index; "
+                                     f"the file holds one training-set index per line") from None
+        a = np.array(vals, dtype=np.int64)
+    if a.size == 0:
+        raise ValueError(f"{path}: no indices; the labeled set needs at least one image")
+    a = a.astype(np.int64)
+    if a.min() < 0:
+        raise ValueError(f"{path}: negative index {a.min()}; indices count from 0")
+    uniq, counts = np.unique(a, return_counts=True)
+    if len(uniq) < len(a):
+        raise ValueError(f"{path}: index {uniq[counts > 1][0]} appears {counts.max()} times; "
+                         f"each image can be labeled once")
+    return uniq
+
+
+def check_index_range(idx: np.ndarray, n_train: int, path: str) -> None:
+    if idx.max() >= n_train:
+        raise ValueError(f"{path}: index {idx.max()} is out of range: the training set has "
+                         f"{n_train} images (0..{n_train - 1}); was the file made for another "
+                         f"dataset?")
+
+
 def lt_counts(n1: int, gamma: float, num_classes: int) -> list[int]:
     """Long-tailed class counts (README: long-tailed):
     N_k = floor(N_1 gamma^(-(k-1)/(K-1))), k = 1..K, class 1 (index 0) the head, the last class exactly floor(N_1 / gamma). gamma = 1 is uniform; a negative

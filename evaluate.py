@@ -3,6 +3,7 @@
     python evaluate.py runs/cifar10_4_entropy_s0            # top-1 of the EMA model
     python evaluate.py runs/.../last.pt --per-class         # plus per-class accuracy
     python evaluate.py --table runs                         # Table 1 markdown (writes table1.md)
+    python evaluate.py --al-table results_al                # active learning rounds of al.sh
 """
 import argparse
 import glob
@@ -59,17 +60,24 @@ def accuracy(model, x_u8, y, normalize, batch_size: int = 1024) -> float:
 
 
 @torch.no_grad()
-def scores_all(model: torch.nn.Module, x_u8: torch.Tensor, normalize,
-               batch_size: int = 1024) -> torch.Tensor:
-    """(N, K) class scores (model.class_scores) in eval mode and float32 (autocast off)."""
+def outputs_all(model: torch.nn.Module, x_u8: torch.Tensor, normalize, batch_size: int = 1024
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scores (N, K), z, h) of model.scores_and_features for uint8 images, batched, in eval mode
+    (BatchNorm statistics untouched) and float32 (autocast off, even inside a caller's autocast)."""
     was_training = model.training
     model.eval()
     out = []
     for i in range(0, len(x_u8), batch_size):
         with torch.autocast(x_u8.device.type, enabled=False):
-            out.append(model.class_scores(normalize(x_u8[i:i + batch_size])))
+            out.append(model.scores_and_features(normalize(x_u8[i:i + batch_size])))
     model.train(was_training)
-    return torch.cat(out)
+    return tuple(torch.cat(t) for t in zip(*out))
+
+
+def scores_all(model: torch.nn.Module, x_u8: torch.Tensor, normalize,
+               batch_size: int = 1024) -> torch.Tensor:
+    """(N, K) class scores (model.class_scores) in eval mode and float32 (autocast off)."""
+    return outputs_all(model, x_u8, normalize, batch_size)[0]
 
 
 def class_groups(labeled_counts: list[int]) -> dict[str, list[int]]:
@@ -336,6 +344,82 @@ def lt_setting(a: dict) -> str:
     return f"{a['lt_labeled']} / {a['lt_unlabeled']} / {a['imb_ratio_l']:g} / {a['imb_ratio_u']:g}"
 
 
+# ---------------------------------------------------------------- active learning (al.sh)
+
+def al_results(results_dir: str) -> dict:
+    """{(strategy, round): {seed: (labeled count, final accuracy %)}} from al.sh's layout:
+    SEED_DIR/r0 (round 0, shared by every strategy) and SEED_DIR/STRATEGY/rR. Unreadable
+    result.json files are skipped with a warning."""
+    found = {}
+    pattern = os.path.join(glob.escape(results_dir), "s*", "**", "r*", "result.json")
+    for f in sorted(glob.glob(pattern, recursive=True)):
+        parts = os.path.relpath(f, results_dir).split(os.sep)
+        if len(parts) not in (3, 4) or not parts[-2][1:].isdigit() or not parts[0][1:].isdigit():
+            continue
+        try:
+            with open(f) as fh:
+                r = json.load(fh)
+            point = (sum(r["labeled_counts"]), 100.0 * float(r["final_acc"]))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"warning: skipping {f}: unreadable or incomplete ({type(e).__name__}: {e})",
+                  file=sys.stderr)
+            continue
+        strategy = parts[1] if len(parts) == 4 else "*"
+        found.setdefault((strategy, int(parts[-2][1:])), {})[int(parts[0][1:])] = point
+    return found
+
+
+def area_under(points: list[tuple[float, float]]) -> float:
+    """Trapezoid area under accuracy over labeled count, divided by the count range: the mean
+    accuracy over the budget (the accuracy itself for a single point)."""
+    if len(points) == 1:
+        return points[0][1]
+    xs, ys = zip(*sorted(points))
+    area = sum((xs[i + 1] - xs[i]) * (ys[i + 1] + ys[i]) / 2 for i in range(len(xs) - 1))
+    return area / (xs[-1] - xs[0]) if xs[-1] > xs[0] else statistics.mean(ys)
+
+
+def al_table(results_dir: str) -> tuple[str, str]:
+    """(markdown, csv) of al.sh's runs: final test accuracy per (strategy, round, labeled count),
+    mean ± std over seeds, and per strategy the area under the accuracy curve of each seed whose
+    rounds are all there (round 0 is every strategy's own)."""
+    found = al_results(results_dir)
+    strategies = sorted({s for s, _ in found if s != "*"})
+    rounds = sorted({r for _, r in found})
+    csv_lines = ["strategy,round,labeled,seeds,mean_acc,std_acc,accs"]
+    cells, aucs = {}, {}
+    for st in strategies:
+        per_seed: dict[int, list] = {}
+        for r in rounds:
+            runs = found.get(("*" if r == 0 else st, r), {})
+            for seed, pt in runs.items():
+                per_seed.setdefault(seed, []).append(pt)
+            if runs:
+                accs = [a for _, a in runs.values()]
+                n_lab = statistics.mean(n for n, _ in runs.values())
+                cells[st, r] = (n_lab, accs)
+                sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+                csv_lines.append(f"{st},{r},{n_lab:g},{len(accs)},{statistics.mean(accs):.4f},"
+                                 f"{sd:.4f},{' '.join(f'{a:.2f}' for a in accs)}")
+        aucs[st] = [area_under(pts) for pts in per_seed.values() if len(pts) == len(rounds)]
+    labeled = {r: next((cells[k][0] for k in cells if k[1] == r), None) for r in rounds}
+    head = " | ".join(f"round {r} ({labeled[r]:g} labels)" for r in rounds)
+    lines = [f"| strategy | {head} | area under curve |", "|---|" + "---|" * (len(rounds) + 1)]
+    for st in strategies:
+        row = [format_cell(cells[st, r][1]) if (st, r) in cells else "not run" for r in rounds]
+        lines.append(f"| {st} | " + " | ".join(row) + f" | {format_cell(aucs[st])} |")
+    for st in strategies:
+        if aucs[st]:
+            csv_lines.append(f"{st},auc,,{len(aucs[st])},{statistics.mean(aucs[st]):.4f},"
+                             f"{statistics.stdev(aucs[st]) if len(aucs[st]) > 1 else 0.0:.4f},"
+                             f"{' '.join(f'{a:.2f}' for a in aucs[st])}")
+    md = "\n".join(lines) + ("\n\nFinal EMA test accuracy (%), mean ± std over seeds; round 0 is "
+                             "the same runs for every strategy. Area under curve: the trapezoid "
+                             "area under accuracy over labeled count divided by the count range "
+                             "(= mean accuracy over the budget), per seed with every round.\n")
+    return md, "\n".join(csv_lines) + "\n"
+
+
 # ---------------------------------------------------------------- plots (matplotlib: optional)
 
 PLOT_IGNORE = {"out", "data_dir", "device", "log_every", "eval_every", "save_every", "compile",
@@ -488,6 +572,9 @@ def main(argv=None) -> None:
                    help="write RESULTS_DIR/table1.md from every result.json below it and print it")
     p.add_argument("--lt-table", metavar="RESULTS_DIR",
                    help="write RESULTS_DIR/lt_table.md for the long-tailed runs below it and print it")
+    p.add_argument("--al-table", metavar="RESULTS_DIR",
+                   help="write RESULTS_DIR/al_table.md and al_table.csv for al.sh's rounds below "
+                        "it and print the table")
     p.add_argument("--plot", nargs="+", metavar="RUN",
                    help="plot accuracy, group fractions, pseudo-label accuracy and mean weight of "
                         "these runs over epochs into --out (needs matplotlib)")
@@ -509,6 +596,13 @@ def main(argv=None) -> None:
             except (CheckpointError, ValueError, RuntimeError) as e:
                 sys.exit(f"evaluate.py: error: {e}")
         return
+    if args.al_table:
+        if not os.path.isdir(args.al_table):
+            p.error(f"{args.al_table} is not a directory")
+        md, csv_text = al_table(args.al_table)
+        write_text(os.path.join(args.al_table, "al_table.csv"), csv_text, echo=False)
+        write_text(os.path.join(args.al_table, "al_table.md"), md)
+        return
     tables = ((args.table, table1, "table1.md"), (args.lt_table, lt_table, "lt_table.md"))
     for folder, make, name in tables:
         if folder:
@@ -528,12 +622,13 @@ def main(argv=None) -> None:
         print_per_class(r, args.path)
 
 
-def write_text(path: str, text: str) -> None:
+def write_text(path: str, text: str, echo: bool = True) -> None:
     """Write atomically (a temporary file, then a rename) and print."""
     with open(path + ".tmp", "w") as fh:
         fh.write(text)
     os.replace(path + ".tmp", path)
-    print(text)
+    if echo:
+        print(text)
 
 
 def print_per_class(r: dict, path: str) -> None:

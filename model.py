@@ -115,10 +115,18 @@ class Encoder(nn.Module):
     @torch.no_grad()
     def class_scores(self, x: torch.Tensor) -> torch.Tensor:
         """(N, K) float32: cos(z, c_k) to each prototype, or the classifier logits (peers)."""
-        z, logits = self(x)
-        if logits is not None:
-            return logits.float()
-        return z.float() @ F.normalize(self.prototypes.float(), dim=1).T
+        return self.scores_and_features(x)[0]
+
+    @torch.no_grad()
+    def scores_and_features(self, x: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(class scores as class_scores gives them, z, h) in float32, from one pass: z the
+        L2-normalised projection, h the backbone feature (query.py's embeddings)."""
+        h = self.backbone(x)
+        z = F.normalize(self.head(h), dim=1).float()
+        if self.classifier is not None:
+            return self.classifier(h).float(), z, h.float()
+        return z @ F.normalize(self.prototypes.float(), dim=1).T, z, h.float()
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ Re-running the same command with the same --out resumes from the last checkpoint
 """
 import argparse
 import copy
+import hashlib
 import importlib
 import json
 import math
@@ -38,7 +39,8 @@ CONFIG_KEYS = ("dataset", "labels_per_class", "loss", "seed", "arch", "epochs", 
                "entropy_ratio", "entropy_weighting", "entropy_epochs", "ema_decay",
                "bn_momentum", "channels_last", "wrn_variant", "pair_weight", "lambda_u", "lambda_c",
                "ccssl_temp", "lambda_in", "bank_momentum", "bank_temp", "smoothing_alpha",
-               "da_len", "lt_labeled", "lt_unlabeled", "imb_ratio_l", "imb_ratio_u", "hard_weight")
+               "da_len", "lt_labeled", "lt_unlabeled", "imb_ratio_l", "imb_ratio_u", "hard_weight",
+               "labeled_idx_sha256")
 # method-specific flags: (default, the methods they apply to). Given for another method, a flag
 # is an error; not given, it takes the default for its methods and None elsewhere.
 CONTRASTIVE, PEERS = ("base", "entropy"), methods.CLASSIFIER
@@ -68,7 +70,11 @@ def get_args(argv=None) -> argparse.Namespace:
     a("--dataset", default="cifar10", help="cifar10, cifar100 or npz:PATH (see data.load_npz)")
     a("--data-dir", default="data", help="where CIFAR is (or is downloaded to)")
     a("--labels-per-class", type=int, default=None,
-      help="labeled images per class (default 4; not with the long-tailed flags)")
+      help="labeled images per class (default 4; not with --labeled-idx or the long-tailed flags)")
+    a("--labeled-idx", default=None, metavar="FILE",
+      help="the labeled set: training-set indices, one per line (.txt) or a 1-D .npy, e.g. from "
+           "query.py; replaces --labels-per-class (an error with it); the whole training set "
+           "stays unlabeled data")
     a("--seed", type=int, default=0, help="seed (>= 0) of the split, initialisation and augmentation")
     # method
     a("--loss", choices=list(methods.STEPS), default="entropy",
@@ -165,6 +171,7 @@ def get_args(argv=None) -> argparse.Namespace:
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every value is checked before any data is loaded: one argparse error line each."""
+    check_labeled_idx(p, args)
     check_long_tailed(p, args)
     for name in ("epochs", "steps_per_epoch", "batch_size", "eval_every",
                  "log_every", "eval_batch_size"):
@@ -222,6 +229,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             args.entropy_ratio = PAPER_BETA.get((args.dataset, args.labels_per_class))
             if args.entropy_ratio is None:
                 split = ("the long-tailed split" if args.lt_labeled else
+                         f"the labeled set of {args.labeled_idx}" if args.labeled_idx else
                          f"{args.labels_per_class} labels per class")
                 p.error(f"--entropy-ratio is required for {args.dataset} with {split} (the paper "
                         f"gives beta only for CIFAR-10/100 with 4 or 25); e.g. --entropy-ratio 0.2")
@@ -257,7 +265,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         name = (os.path.splitext(os.path.basename(args.dataset[4:]))[0]
                 if args.dataset.startswith("npz:") else args.dataset)
         split = (f"lt{args.lt_labeled}-{args.lt_unlabeled}-{args.imb_ratio_l:g}-{args.imb_ratio_u:g}"
-                 if args.lt_labeled else str(args.labels_per_class))
+                 if args.lt_labeled else f"idx-{args.labeled_idx_sha256[:8]}"
+                 if args.labeled_idx else str(args.labels_per_class))
         args.out = os.path.join("runs", f"{name}_{split}_{args.loss}_s{args.seed}")
     args.out_created = first_missing(args.out)  # removed again if the run fails at once
     try:
@@ -270,9 +279,29 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--out {args.out} is not writable: {e.strerror}")
 
 
+def check_labeled_idx(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--labeled-idx FILE replaces the seeded split; the file is read and checked now (its range
+    once the dataset is loaded) and its sha256 becomes part of the configuration."""
+    args.labeled_idx_sha256 = None
+    if args.labeled_idx is None:
+        return
+    lt = [args.lt_labeled, args.lt_unlabeled, args.imb_ratio_l, args.imb_ratio_u]
+    if args.labels_per_class is not None or any(v is not None for v in lt):
+        p.error("--labeled-idx sets the labeled set; do not combine it with --labels-per-class "
+                "or the long-tailed flags")
+    try:
+        data.read_index_file(args.labeled_idx)
+        with open(args.labeled_idx, "rb") as fh:
+            args.labeled_idx_sha256 = hashlib.sha256(fh.read()).hexdigest()
+    except (ValueError, OSError) as e:
+        p.error(f"--labeled-idx: {e}")
+
+
 def check_long_tailed(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The long-tailed flags go together and replace --labels-per-class."""
     lt = [args.lt_labeled, args.lt_unlabeled, args.imb_ratio_l]
+    if args.labeled_idx is not None:
+        return
     if all(v is None for v in lt + [args.imb_ratio_u]):
         args.labels_per_class = 4 if args.labels_per_class is None else args.labels_per_class
         return
@@ -343,7 +372,12 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 def split_indices(y: np.ndarray, k: int, args) -> tuple[np.ndarray, np.ndarray]:
     """(labeled, unlabeled) training indices: the seeded per-class split with the whole training
-    set unlabeled (FixMatch, [G]), or the long-tailed split with disjoint sets (README: long-tailed)."""
+    set unlabeled (FixMatch, [G]), the indices of --labeled-idx (README: active learning), or the
+    long-tailed split with disjoint sets (README: long-tailed)."""
+    if args.labeled_idx:
+        idx = data.read_index_file(args.labeled_idx)
+        data.check_index_range(idx, len(y), args.labeled_idx)
+        return idx, np.arange(len(y))
     if args.lt_labeled:
         return data.split_long_tailed(y, args.lt_labeled, args.lt_unlabeled, args.imb_ratio_l,
                                       args.imb_ratio_u, args.seed, k)

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Active learning on top of the semi-supervised model (README: active learning).
+# For each seed: round 0 trains on INIT labels per class (the seeded split); then, for each
+# strategy, ROUNDS times: query.py picks N_QUERY more images with the last round's model and
+# train.py trains again from scratch (same --seed, so the same initialisation, for every
+# strategy) on the grown labeled set. Ends with OUT_DIR/al_table.md and al_table.csv: final test
+# accuracy per (strategy, round, labeled count), mean ± std over seeds, and the area under each
+# curve. Finished rounds are skipped, so running it again resumes; one al.sh per OUT_DIR at a time.
+#
+#   bash al.sh                                                   # CIFAR-10, 4 labels/class to start
+#   DRY_RUN=1 ROUNDS=2 SEEDS="0 1" bash al.sh                    # print the commands
+#   DATASET=npz:my.npz INIT=2 N_QUERY=20 LOSS=base EXTRA_ARGS="--epochs 5" bash al.sh
+#
+# Layout: OUT_DIR/sSEED/r0 (round 0), OUT_DIR/sSEED/STRATEGY/rR.txt (labeled set of round R, with
+# the .csv of the images chosen and the .json of the query) and OUT_DIR/sSEED/STRATEGY/rR (run).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+ROUNDS=${ROUNDS:-3}
+N_QUERY=${N_QUERY:-40}
+STRATEGIES=${STRATEGIES:-random entropy typical}
+SEEDS=${SEEDS:-0}
+INIT=${INIT:-4}                       # labels per class of round 0
+DATASET=${DATASET:-cifar10}
+LOSS=${LOSS:-entropy}
+ENTROPY_RATIO=${ENTROPY_RATIO:-0.2}   # beta of --loss entropy ([N&O]'s CIFAR-10 4-label value)
+DATA_DIR=${DATA_DIR:-data}
+OUT_DIR=${OUT_DIR:-results_al}
+EXTRA_ARGS=${EXTRA_ARGS:-}            # more train.py flags, e.g. "--epochs 16 --arch wrn-10-1"
+QUERY_ARGS=${QUERY_ARGS:-}            # more query.py flags, e.g. "--device cpu"
+PYTHON=${PYTHON:-python}
+DRY_RUN=${DRY_RUN:-0}
+
+for v in ROUNDS N_QUERY INIT; do
+  if ! [[ ${!v} =~ ^[0-9]+$ ]] || [ "${!v}" -lt 1 ]; then
+    echo "al.sh: $v must be a whole number >= 1, got '${!v}'" >&2
+    exit 2
+  fi
+done
+
+# shellcheck disable=SC2206  # EXTRA_ARGS / QUERY_ARGS are lists of flags: split on purpose
+extra=($EXTRA_ARGS)
+# shellcheck disable=SC2206
+qextra=($QUERY_ARGS)
+show() { printf '%q ' "$@"; echo; }
+run() {
+  if [ "$DRY_RUN" = 1 ]; then show "$@"; else "$@"; fi
+}
+train() {  # train OUT FLAGS...: a round, unless it has finished (train.py resumes a stopped one)
+  local out=$1
+  shift
+  [ -f "$out/result.json" ] && [ "$DRY_RUN" != 1 ] && return 0
+  run "$PYTHON" train.py --dataset "$DATASET" --data-dir "$DATA_DIR" --loss "$LOSS" "${method[@]}" \
+    --out "$out" "$@" "${extra[@]}"
+}
+
+method=()
+[ "$LOSS" = entropy ] && [ -n "$ENTROPY_RATIO" ] && method=(--entropy-ratio "$ENTROPY_RATIO")
+
+for seed in $SEEDS; do
+  base="$OUT_DIR/s$seed"
+  train "$base/r0" --labels-per-class "$INIT" --seed "$seed"
+  for strategy in $STRATEGIES; do
+    prev="$base/r0"
+    for r in $(seq 1 "$ROUNDS"); do
+      idx="$base/$strategy/r$r.txt"
+      if [ ! -f "$idx" ] || [ "$DRY_RUN" = 1 ]; then
+        run "$PYTHON" query.py "$prev" --n "$N_QUERY" --strategy "$strategy" --seed "$seed" \
+          --out "$idx" "${qextra[@]}"
+      fi
+      train "$base/$strategy/r$r" --labeled-idx "$idx" --seed "$seed"
+      prev="$base/$strategy/r$r"
+    done
+  done
+done
+run "$PYTHON" evaluate.py --al-table "$OUT_DIR"

@@ -5,7 +5,8 @@
 # train.py trains again from scratch (same --seed, so the same initialisation, for every
 # strategy) on the grown labeled set. Ends with OUT_DIR/al_table.md and al_table.csv: final test
 # accuracy per (strategy, round, labeled count), mean ± std over seeds, and the area under each
-# curve. Finished rounds are skipped, so running it again resumes; one al.sh per OUT_DIR at a time.
+# curve. Finished rounds and written queries are skipped, so running it again resumes (and a
+# changed EXTRA_ARGS needs a new OUT_DIR). Relative paths are taken from the current directory.
 #
 #   bash al.sh                                                   # CIFAR-10, 4 labels/class to start
 #   DRY_RUN=1 ROUNDS=2 SEEDS="0 1" bash al.sh                    # print the commands
@@ -14,7 +15,7 @@
 # Layout: OUT_DIR/sSEED/r0 (round 0), OUT_DIR/sSEED/STRATEGY/rR.txt (labeled set of round R, with
 # the .csv of the images chosen and the .json of the query) and OUT_DIR/sSEED/STRATEGY/rR (run).
 set -euo pipefail
-cd "$(dirname "$0")"
+HERE=$(cd "$(dirname "$0")" && pwd)  # the scripts; relative paths stay relative to the caller
 
 ROUNDS=${ROUNDS:-3}
 N_QUERY=${N_QUERY:-40}
@@ -23,7 +24,7 @@ SEEDS=${SEEDS:-0}
 INIT=${INIT:-4}                       # labels per class of round 0
 DATASET=${DATASET:-cifar10}
 LOSS=${LOSS:-entropy}
-ENTROPY_RATIO=${ENTROPY_RATIO:-0.2}   # beta of --loss entropy ([N&O]'s CIFAR-10 4-label value)
+ENTROPY_RATIO=${ENTROPY_RATIO:-}      # beta of --loss entropy; default: the paper's for CIFAR, INIT 4 / 25
 DATA_DIR=${DATA_DIR:-data}
 OUT_DIR=${OUT_DIR:-results_al}
 EXTRA_ARGS=${EXTRA_ARGS:-}            # more train.py flags, e.g. "--epochs 16 --arch wrn-10-1"
@@ -50,12 +51,26 @@ train() {  # train OUT FLAGS...: a round, unless it has finished (train.py resum
   local out=$1
   shift
   [ -f "$out/result.json" ] && [ "$DRY_RUN" != 1 ] && return 0
-  run "$PYTHON" train.py --dataset "$DATASET" --data-dir "$DATA_DIR" --loss "$LOSS" "${method[@]}" \
+  run "$PYTHON" "$HERE/train.py" --dataset "$DATASET" --data-dir "$DATA_DIR" --loss "$LOSS" "${method[@]}" \
     --out "$out" "$@" "${extra[@]}"
 }
 
 method=()
-[ "$LOSS" = entropy ] && [ -n "$ENTROPY_RATIO" ] && method=(--entropy-ratio "$ENTROPY_RATIO")
+if [ "$LOSS" = entropy ]; then
+  if [ -z "$ENTROPY_RATIO" ]; then  # [N&O] section 4.3, as train.py's PAPER_BETA
+    case "$DATASET:$INIT" in
+      cifar10:4 | cifar100:25) ENTROPY_RATIO=0.2 ;;
+      cifar10:25) ENTROPY_RATIO=0.4 ;;
+      cifar100:4) ENTROPY_RATIO=0.1 ;;
+      *)
+        echo "al.sh: set ENTROPY_RATIO (beta of --loss entropy): the paper gives it for CIFAR-10/100" \
+          "with INIT 4 or 25 only, and every round needs it" >&2
+        exit 2
+        ;;
+    esac
+  fi
+  method=(--entropy-ratio "$ENTROPY_RATIO")
+fi
 
 for seed in $SEEDS; do
   base="$OUT_DIR/s$seed"
@@ -65,7 +80,7 @@ for seed in $SEEDS; do
     for r in $(seq 1 "$ROUNDS"); do
       idx="$base/$strategy/r$r.txt"
       if [ ! -f "$idx" ] || [ "$DRY_RUN" = 1 ]; then
-        run "$PYTHON" query.py "$prev" --n "$N_QUERY" --strategy "$strategy" --seed "$seed" \
+        run "$PYTHON" "$HERE/query.py" "$prev" --n "$N_QUERY" --strategy "$strategy" --seed "$seed" \
           --out "$idx" "${qextra[@]}"
       fi
       train "$base/$strategy/r$r" --labeled-idx "$idx" --seed "$seed"
@@ -73,4 +88,4 @@ for seed in $SEEDS; do
     done
   done
 done
-run "$PYTHON" evaluate.py --al-table "$OUT_DIR"
+run "$PYTHON" "$HERE/evaluate.py" --al-table "$OUT_DIR"

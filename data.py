@@ -22,6 +22,7 @@ parameters), so there is no host synchronisation; on CPU the images are sorted b
 slot and each op runs on its own contiguous slice, since the sort's one sync costs nothing there.
 """
 import functools
+import hashlib
 import math
 import os
 import shutil
@@ -161,6 +162,15 @@ def split_labeled(y: np.ndarray, n_per_class: int, seed: int, num_classes: int |
         raise ValueError(f"labels per class must be >= 1, got {n_per_class}")
     return per_class_first(y, n_per_class, np.random.default_rng(seed), k,
                            "training images", "labels per class asked for")
+
+
+def sha256_of(path: str) -> str:
+    """Hex sha256 of a file (a labeled set, a checkpoint), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_index_file(path: str) -> np.ndarray:

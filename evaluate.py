@@ -384,7 +384,7 @@ def al_table(results_dir: str) -> tuple[str, str]:
     mean ± std over seeds, and per strategy the area under the accuracy curve of each seed whose
     rounds are all there (round 0 is every strategy's own)."""
     found = al_results(results_dir)
-    strategies = sorted({s for s, _ in found if s != "*"})
+    strategies = sorted({s for s, _ in found if s != "*"}) or ["*"]  # "*": round 0 only so far
     rounds = sorted({r for _, r in found})
     csv_lines = ["strategy,round,labeled,seeds,mean_acc,std_acc,accs"]
     cells, aucs = {}, {}
@@ -402,7 +402,8 @@ def al_table(results_dir: str) -> tuple[str, str]:
                 csv_lines.append(f"{st},{r},{n_lab:g},{len(accs)},{statistics.mean(accs):.4f},"
                                  f"{sd:.4f},{' '.join(f'{a:.2f}' for a in accs)}")
         aucs[st] = [area_under(pts) for pts in per_seed.values() if len(pts) == len(rounds)]
-    labeled = {r: next((cells[k][0] for k in cells if k[1] == r), None) for r in rounds}
+    labeled = {r: statistics.mean(n for (_, r2), runs in found.items() if r2 == r
+                                  for n, _ in runs.values()) for r in rounds}
     head = " | ".join(f"round {r} ({labeled[r]:g} labels)" for r in rounds)
     lines = [f"| strategy | {head} | area under curve |", "|---|" + "---|" * (len(rounds) + 1)]
     for st in strategies:

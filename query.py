@@ -27,7 +27,8 @@ for fixmatch/ccssl/simmatch. The embedding is z, the L2-normalised projection, e
 FixMatch, which trains no projection: there, the L2-normalised backbone feature.
 """
 import argparse
-import hashlib
+import csv
+import io
 import json
 import math
 import os
@@ -43,6 +44,7 @@ from evaluate import (CheckpointError, classifier_run, load_run_model, outputs_a
 
 STRATEGIES = ("random", "entropy", "margin", "least-confident", "balanced-entropy", "typical")
 KNN = 20  # neighbours of TypiClust's typicality
+MIN_CLUSTER = 5  # TypiClust leaves clusters this small (outliers) until no other has candidates
 
 
 # ---------------------------------------------------------------- scores of class probabilities
@@ -102,14 +104,23 @@ def kmeans(x: torch.Tensor, k: int, iters: int, g: torch.Generator) -> torch.Ten
         d2 = torch.minimum(d2, sq_dist(x, x[nxt]).squeeze(1))
     for _ in range(iters):
         assign, dist = nearest(x, centers)
-        counts = torch.bincount(assign, minlength=k)
-        sums = torch.zeros_like(centers).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k)  # integer: exact in any order
+        sums = cluster_sums(x, assign, k)
         centers = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centers)
         empty = (counts == 0).nonzero().squeeze(1)
         if len(empty):  # re-seed: the points worst served by their centroid, farthest first
             far = torch.sort(dist, descending=True, stable=True).indices[:len(empty)]
             centers[empty] = x[far]
     return nearest(x, centers)[0]
+
+
+def cluster_sums(x: torch.Tensor, assign: torch.Tensor, k: int, chunk: int = 8192) -> torch.Tensor:
+    """(k, D) sum of the rows of each cluster, as one-hot matrix products in a fixed order: the
+    same bits on every run (index_add_ is not deterministic on CUDA)."""
+    sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device)
+    for i in range(0, len(x), chunk):
+        sums += F.one_hot(assign[i:i + chunk], k).to(x.dtype).T @ x[i:i + chunk]
+    return sums
 
 
 def sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -126,11 +137,11 @@ def nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = 8192
 
 def typicality(x: torch.Tensor, knn: int = KNN, chunk: int = 4096) -> torch.Tensor:
     """1 / mean Euclidean distance of each row to its min(knn, N - 1) nearest other rows
-    (TypiClust). A lone point has no neighbours: typicality inf."""
+    (TypiClust). A lone point has no neighbours, hence no density: typicality 0."""
     n = len(x)
     m = min(knn, n - 1)
     if m == 0:
-        return torch.full((n,), math.inf, device=x.device)
+        return torch.zeros(n, device=x.device)
     out = []
     for i in range(0, n, chunk):
         d = sq_dist(x[i:i + chunk], x)
@@ -145,7 +156,8 @@ def typical_n(emb: torch.Tensor, is_labeled: np.ndarray, n: int, iters: int, see
     k = |labeled| + n; n times, the cluster with the fewest labeled or chosen images (ties: the
     larger cluster, then the lower cluster id) gives its most typical unchosen pool image (ties:
     the smaller index). With enough clusters free of labels that is one image from each of the n
-    largest such clusters. Returns (positions in emb rows, their typicality), in rank order."""
+    largest such clusters. As in TypiClust, clusters of MIN_CLUSTER or fewer images (outliers)
+    come last. Returns (positions in emb rows, their typicality), in rank order."""
     g = torch.Generator(emb.device).manual_seed(seed)
     k = int(is_labeled.sum()) + n
     assign = kmeans(emb, k, iters, g).cpu().numpy()
@@ -156,7 +168,7 @@ def typical_n(emb: torch.Tensor, is_labeled: np.ndarray, n: int, iters: int, see
     chosen, scores = [], []
     for _ in range(n):
         cand = np.flatnonzero(free > 0)
-        c = cand[np.lexsort((cand, -size[cand], taken[cand]))[0]]
+        c = cand[np.lexsort((cand, -size[cand], taken[cand], size[cand] <= MIN_CLUSTER))[0]]
         if c not in typ:
             members = np.flatnonzero(assign == c)
             t = typicality(emb[torch.from_numpy(members).to(emb.device)]).cpu().numpy()
@@ -174,12 +186,13 @@ def typical_n(emb: torch.Tensor, is_labeled: np.ndarray, n: int, iters: int, see
 
 # ---------------------------------------------------------------- scoring a run
 
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def run_path(state: dict, path: str) -> str:
+    """A path the run saved, relative to where it was started (state["cwd"])."""
+    return path if os.path.isabs(path) else os.path.join(state.get("cwd", ""), path)
+
+
+def same_file(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def probabilities(state: dict, scores: torch.Tensor) -> torch.Tensor:
@@ -196,10 +209,11 @@ def embeddings(state: dict, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 
 def choose(strategy: str, n: int, pool: np.ndarray, p: torch.Tensor, emb: torch.Tensor | None,
-           is_labeled: np.ndarray, seed: int, iters: int) -> tuple[np.ndarray, np.ndarray]:
+           is_labeled: np.ndarray, seed: int, iters: int, n_train: int
+           ) -> tuple[np.ndarray, np.ndarray]:
     """(positions in pool chosen, in rank order; their strategy scores). p holds the pool's class
     probabilities; emb (typical only) the labeled and pool embeddings, rows in ascending index
-    order, is_labeled marking the labeled rows."""
+    order, is_labeled marking the labeled rows; n_train the size of the training set."""
     if strategy == "typical":
         rows, score = typical_n(emb, is_labeled, n, iters, seed)
         pos = np.flatnonzero(~is_labeled)  # emb row -> pool position
@@ -207,7 +221,9 @@ def choose(strategy: str, n: int, pool: np.ndarray, p: torch.Tensor, emb: torch.
         lookup[pos] = np.arange(len(pos))
         return lookup[rows], score
     if strategy == "random":
-        key = np.random.default_rng(seed).random(len(pool))
+        # one key per dataset index: with the same seed every round, the rounds take the next
+        # images of one fixed random order (uniform sampling without replacement)
+        key = np.random.default_rng(seed).random(n_train)[pool]
         pick = top_n(key, pool, n)
         return pick, key[pick]
     h = entropy(p).cpu().numpy()
@@ -289,9 +305,11 @@ def query(args: argparse.Namespace) -> dict:
     """Score the pool, choose, write the three files; returns the .json record."""
     state, ckpt = read_checkpoint(args.run)
     a = state["args"]
-    if a.get("labeled_idx") and os.path.abspath(a["labeled_idx"]) == os.path.abspath(args.out):
+    if a.get("labeled_idx") and same_file(run_path(state, a["labeled_idx"]), args.out):
         raise ValueError(f"--out {args.out} is the labeled set the run was trained on; write the "
                          f"next round to a new file (the run's resume check needs the old one)")
+    if os.path.exists(args.out):
+        print(f"warning: overwriting {args.out}", file=sys.stderr)
     total = a["epochs"] * a["steps_per_epoch"]
     if state["step"] < total:
         print(f"warning: {ckpt} is at step {state['step']} of {total}: the run has not finished",
@@ -309,6 +327,7 @@ def query(args: argparse.Namespace) -> dict:
         raise ValueError(f"--n {args.n} is more than the {len(pool)} unlabeled images left")
 
     dev = torch.device(args.device)
+    torch.backends.cudnn.deterministic = True  # the same scores, hence the same query, every time
     model = load_run_model(state, ds["num_classes"], dev)
     norm = data.Normalize(state["mean"], state["std"], dev)
     rows = np.union1d(labeled, pool)  # every image scored, in ascending index order
@@ -319,7 +338,7 @@ def query(args: argparse.Namespace) -> dict:
     p = probabilities(state, scores[in_pool])
     emb = embeddings(state, z, h) if args.strategy == "typical" else None
     pick, score = choose(args.strategy, args.n, pool, p, emb, is_labeled, args.seed,
-                         args.kmeans_iters)
+                         args.kmeans_iters, n_train)
 
     new = pool[pick]
     p_pick = p[torch.from_numpy(pick).to(dev)]
@@ -329,10 +348,12 @@ def query(args: argparse.Namespace) -> dict:
     mar = margin(p_pick).cpu().numpy()
     classes = list(ds["classes"])
     csv_path, json_path = side_files(args.out)
-    lines = ["rank,index,score,pred,pred_name,prob,entropy,margin"]
-    lines += [f"{r},{i},{s:.6g},{c},{classes[c]},{q:.6f},{e:.6f},{m:.6f}"
-              for r, (i, s, c, q, e, m) in enumerate(zip(new, score, pred, prob, ent, mar), 1)]
-    record = {"run": args.run, "checkpoint": ckpt, "checkpoint_sha256": sha256_of(ckpt),
+    table = io.StringIO()
+    w = csv.writer(table, lineterminator="\n")
+    w.writerow(["rank", "index", "score", "pred", "pred_name", "prob", "entropy", "margin"])
+    w.writerows([r, i, f"{s:.6g}", c, classes[c], f"{q:.6f}", f"{e:.6f}", f"{m:.6f}"]
+                for r, (i, s, c, q, e, m) in enumerate(zip(new, score, pred, prob, ent, mar), 1))
+    record = {"run": args.run, "checkpoint": ckpt, "checkpoint_sha256": data.sha256_of(ckpt),
               "step": state["step"], "loss": a["loss"], "strategy": args.strategy, "n": args.n,
               "seed": args.seed, "kmeans_iters": args.kmeans_iters, "pool_size": int(len(pool)),
               "labeled_before": int(len(labeled)), "labeled_after": int(len(labeled) + len(new)),
@@ -340,7 +361,7 @@ def query(args: argparse.Namespace) -> dict:
                                       for c in range(ds["num_classes"])},
               "out": args.out, "csv": csv_path}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_atomic(csv_path, "\n".join(lines) + "\n")
+    write_atomic(csv_path, table.getvalue())
     write_atomic(json_path, json.dumps(record, indent=1) + "\n")
     write_index_file(args.out, np.union1d(labeled, new))  # last: its existence means done
     return record

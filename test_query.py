@@ -137,7 +137,7 @@ def test_typicality_against_a_loop():
     for i in range(30):
         d = sorted(torch.dist(x[i], x[j]).item() for j in range(30) if j != i)[:5]
         assert t[i].item() == pytest.approx(1 / (sum(d) / 5), rel=1e-9)
-    assert query.typicality(x[:1]).item() == math.inf
+    assert query.typicality(x[:1]).item() == 0
 
 
 def test_typical_takes_the_most_typical_point_of_each_largest_unlabeled_cluster():
@@ -268,6 +268,38 @@ def test_query_files_are_deterministic_and_never_use_the_labels(index_run, tmp_p
     assert sum(rec["per_predicted_class"].values()) == 10
 
 
+def test_random_rounds_continue_one_random_order(tmp_path, monkeypatch):
+    """Two rounds of 10 with the same seed = one round of 20: sampling without replacement."""
+    y = index_dataset(tmp_path / "idx.npz")
+    monkeypatch.setattr(query, "load_run_model", lambda state, k, dev: IndexModel())
+    labeled = np.arange(0, 300, 17)
+    both = np.setdiff1d(run_query(fake_run(tmp_path, y, labeled), tmp_path / "b.txt", "--n", "20",
+                                  "--strategy", "random"), labeled)
+    first = run_query(os.path.join(tmp_path, "run"), tmp_path / "r1.txt", "--n", "10",
+                      "--strategy", "random")
+    os.rename(tmp_path / "run", tmp_path / "run0")
+    second = run_query(fake_run(tmp_path, y, first), tmp_path / "r2.txt", "--n", "10",
+                       "--strategy", "random")
+    assert np.array_equal(np.setdiff1d(second, labeled), both)
+
+
+def test_out_may_not_be_the_runs_own_labeled_set_from_any_directory(index_run, tmp_path,
+                                                                     monkeypatch):
+    run, _, _ = index_run
+    state = torch.load(os.path.join(run, "last.pt"), weights_only=True)
+    state["args"]["labeled_idx"], state["cwd"] = "lab.txt", str(tmp_path)
+    torch.save(state, os.path.join(run, "last.pt"))
+    (tmp_path / "lab.txt").write_text("1\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(SystemExit, match="is the labeled set the run was trained on"):
+        query.main([run, "--n", "2", "--strategy", "entropy", "--device", "cpu",
+                    "--out", str(tmp_path / "lab.txt")])
+    assert (tmp_path / "lab.txt").read_text() == "1\n"
+    run_query(run, "lab.txt", "--n", "2", "--strategy", "entropy")  # another lab.txt: fine
+
+
 def test_random_depends_on_the_seed_only(index_run, tmp_path):
     run, _, _ = index_run
     a = run_query(run, tmp_path / "a.txt", "--n", "10", "--strategy", "random", "--seed", "0")
@@ -382,7 +414,7 @@ def test_resume_with_another_labeled_set_is_refused(tiny_npz, tmp_path):
 # ---------------------------------------------------------------- al.sh
 
 AL_ENV = {"INIT": "2", "N_QUERY": "4", "ROUNDS": "2", "SEEDS": "0", "STRATEGIES": "random entropy",
-          "QUERY_ARGS": "--device cpu"}
+          "QUERY_ARGS": "--device cpu", "ENTROPY_RATIO": "0.5"}
 
 
 def al_env(tiny_npz, out, **more):
@@ -400,7 +432,7 @@ def test_al_dry_run_prints_every_round(tiny_npz, tmp_path):
     assert sum("train.py" in ln for ln in lines) == 2 * (1 + 2 * 2)
     assert sum("query.py" in ln for ln in lines) == 2 * 2 * 2
     assert "--labeled-idx" in lines[2] and "s0/random/r1.txt" in lines[2]
-    assert lines[-1].startswith("python evaluate.py --al-table")
+    assert "evaluate.py --al-table" in lines[-1] and lines[-1].startswith("python ")
     assert not (tmp_path / "al").exists()
 
 
@@ -423,6 +455,16 @@ def test_al_sh_end_to_end_resumes_and_tabulates(tiny_npz, tmp_path):
     assert "train.py" not in again.stdout and "steps x" not in again.stdout  # all skipped
 
 
+def test_al_sh_needs_beta_where_the_paper_has_none(tiny_npz, tmp_path):
+    r = subprocess.run(["bash", os.path.join(HERE, "al.sh")],
+                       env=al_env(tiny_npz, tmp_path / "al", ENTROPY_RATIO="", DRY_RUN="1"),
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "set ENTROPY_RATIO" in r.stderr and not r.stdout
+    r = subprocess.run(["bash", os.path.join(HERE, "al.sh")],
+                       env=al_env(tiny_npz, tmp_path / "al", ROUNDS="x"), capture_output=True, text=True)
+    assert r.returncode == 2 and "ROUNDS must be a whole number" in r.stderr
+
+
 def test_al_table_means_and_area_under_the_curve(tmp_path):
     def put(path, n, acc):
         os.makedirs(path, exist_ok=True)
@@ -439,3 +481,11 @@ def test_al_table_means_and_area_under_the_curve(tmp_path):
            "45.00 ± 7.07 (2 seeds) |" in md
     assert "| typical | 25.00 ± 7.07 (2 seeds) | 60.00 (1 seed) | not run | not run |" in md
     assert "random,auc,,2,45.0000,7.0711,40.00 50.00" in csv
+
+
+def test_al_table_with_round_0_only(tmp_path):
+    os.makedirs(tmp_path / "s0" / "r0")
+    with open(tmp_path / "s0" / "r0" / "result.json", "w") as fh:
+        json.dump({"final_acc": 0.3, "labeled_counts": [5, 5]}, fh)
+    md, _ = evaluate.al_table(str(tmp_path))
+    assert "round 0 (10 labels)" in md and "30.00 (1 seed)" in md

@@ -10,7 +10,6 @@ Re-running the same command with the same --out resumes from the last checkpoint
 """
 import argparse
 import copy
-import hashlib
 import importlib
 import json
 import math
@@ -291,10 +290,10 @@ def check_labeled_idx(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
                 "or the long-tailed flags")
     try:
         data.read_index_file(args.labeled_idx)
-        with open(args.labeled_idx, "rb") as fh:
-            args.labeled_idx_sha256 = hashlib.sha256(fh.read()).hexdigest()
+        args.labeled_idx_sha256 = data.sha256_of(args.labeled_idx)
     except (ValueError, OSError) as e:
         p.error(f"--labeled-idx: {e}")
+
 
 
 def check_long_tailed(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -375,6 +374,9 @@ def split_indices(y: np.ndarray, k: int, args) -> tuple[np.ndarray, np.ndarray]:
     set unlabeled (FixMatch, [G]), the indices of --labeled-idx (README: active learning), or the
     long-tailed split with disjoint sets (README: long-tailed)."""
     if args.labeled_idx:
+        if data.sha256_of(args.labeled_idx) != args.labeled_idx_sha256:
+            raise ValueError(f"--labeled-idx {args.labeled_idx} changed while the run started; "
+                             f"run the command again")
         idx = data.read_index_file(args.labeled_idx)
         data.check_index_range(idx, len(y), args.labeled_idx)
         return idx, np.arange(len(y))

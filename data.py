@@ -222,8 +222,9 @@ def check_index_range(idx: np.ndarray, n_train: int, path: str) -> None:
 
 def lt_counts(n1: int, gamma: float, num_classes: int) -> list[int]:
     """Long-tailed class counts (README: long-tailed):
-    N_k = floor(N_1 gamma^(-(k-1)/(K-1))), k = 1..K, class 1 (index 0) the head, the last class exactly floor(N_1 / gamma). gamma = 1 is uniform; a negative
-    gamma gives the list of |gamma| reversed (head classes rare)."""
+    N_k = floor(N_1 gamma^(-(k-1)/(K-1))), k = 1..K, class 1 (index 0) the head, the last class
+    exactly floor(N_1 / gamma). gamma = 1 is uniform; a negative gamma gives the list of |gamma|
+    reversed (head classes rare)."""
     if num_classes < 2:
         raise ValueError(f"a long-tailed split needs at least 2 classes, got {num_classes}")
     if n1 < 1 or abs(gamma) < 1:

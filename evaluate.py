@@ -243,6 +243,7 @@ def differing(a: dict, others: list[dict]) -> str:
     keys = {k for k, v in PROTOCOL.items() if a.get(k) != v}
     keys |= {k for b in others for k in set(a) | set(b)
              if k not in NOT_CONFIG and a.get(k) != b.get(k)}
+    keys.discard("labeled_idx_sha256")  # the file's path says which labeled set
     return " ".join(f"--{k.replace('_', '-')} {a.get(k)}" for k in sorted(keys)) or "-"
 
 
@@ -308,8 +309,9 @@ def other_rows(groups: dict, keys: list) -> list[str]:
         same = [groups[k][0] for k in groups if k != key and
                 (groups[k][0]["dataset"], groups[k][0]["labels_per_class"], groups[k][0]["loss"])
                 == (a["dataset"], a["labels_per_class"], a["loss"])]
-        rows.append((a["dataset"], a["labels_per_class"], a["loss"], differing(a, same),
-                     format_cell(vals)))
+        split = (a["labels_per_class"] if a["labels_per_class"] is not None else
+                 "long-tailed" if a.get("lt_labeled") else "--labeled-idx")
+        rows.append((a["dataset"], split, a["loss"], differing(a, same), format_cell(vals)))
     lines += [f"| {d} | {n} | {m} | {diff} | {v} |" for d, n, m, diff, v in sorted(rows, key=str)]
     return lines
 

@@ -16,16 +16,17 @@ def test_defaults_match_g_final_configuration(tiny_npz, tmp_path):
 
 
 class AutocastSpy(torch.nn.Module):
-    """Records whether autocast was on when the class scores were computed."""
+    """Records whether autocast was on when the class scores (and features, query.py's
+    embeddings) were computed."""
 
     def __init__(self):
         super().__init__()
         self.seen = []
         self.lin = torch.nn.Linear(1, 2)
 
-    def class_scores(self, x):
+    def scores_and_features(self, x):
         self.seen.append(torch.is_autocast_enabled(x.device.type))
-        return torch.zeros(len(x), 3)
+        return torch.zeros(len(x), 3), torch.zeros(len(x), 2), torch.zeros(len(x), 2)
 
 
 def test_prediction_runs_without_autocast_even_inside_an_autocast_region():

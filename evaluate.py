@@ -201,7 +201,9 @@ PEER_PUBLISHED = {
 
 
 def config_key(a: dict) -> tuple:
-    return tuple(sorted((k, repr(v)) for k, v in a.items() if k not in NOT_CONFIG))
+    """The configuration of a run's arguments. A flag at None is left out: that is how a run
+    from before the flag existed reads it, so the two stay seeds of one experiment."""
+    return tuple(sorted((k, repr(v)) for k, v in a.items() if k not in NOT_CONFIG and v is not None))
 
 
 def collect_results(results_dir: str, field=lambda r: float(r["final_acc"])) -> dict:

@@ -205,7 +205,7 @@ def fake_result(d, acc, **args):
 def test_table_separates_configurations_and_skips_broken_files(tmp_path, capsys):
     r = tmp_path / "res"
     fake_result(r / "a", 0.90, seed=0)
-    fake_result(r / "b", 0.92, seed=1)
+    fake_result(r / "b", 0.92, seed=1, labeled_idx=None)  # a flag added later, left at None
     fake_result(r / "c", 0.50, seed=0, mu=2)  # another experiment, not a third seed
     fake_result(r / "d", 0.40, seed=0, dataset="npz:mine.npz")
     (r / "broken").mkdir()

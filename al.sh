@@ -5,8 +5,9 @@
 # train.py trains again from scratch (same --seed, so the same initialisation, for every
 # strategy) on the grown labeled set. Ends with OUT_DIR/al_table.md and al_table.csv: final test
 # accuracy per (strategy, round, labeled count), mean ± std over seeds, and the area under each
-# curve. Finished rounds and written queries are skipped, so running it again resumes (and a
-# changed EXTRA_ARGS needs a new OUT_DIR). Relative paths are taken from the current directory.
+# curve. Finished rounds and written queries are skipped, so running it again resumes; a rerun
+# with other INIT, N_QUERY, DATASET, LOSS, ENTROPY_RATIO, EXTRA_ARGS or QUERY_ARGS is refused
+# (OUT_DIR/al_settings.txt). Relative paths are taken from the current directory.
 #
 #   bash al.sh                                                   # CIFAR-10, 4 labels/class to start
 #   DRY_RUN=1 ROUNDS=2 SEEDS="0 1" bash al.sh                    # print the commands
@@ -53,7 +54,22 @@ train() {  # train OUT FLAGS...: a round, unless it has finished (train.py resum
   [ -f "$out/result.json" ] && [ "$DRY_RUN" != 1 ] && return 0
   run "$PYTHON" "$HERE/train.py" --dataset "$DATASET" --data-dir "$DATA_DIR" --loss "$LOSS" "${method[@]}" \
     --out "$out" "$@" "${extra[@]}"
+  # recorded once a round has trained, so a first attempt that fails at once binds nothing
+  if [ "$DRY_RUN" != 1 ] && [ ! -f "$OUT_DIR/al_settings.txt" ]; then
+    printf '%s\n' "$conf" > "$OUT_DIR/al_settings.txt"
+  fi
 }
+
+for s in $STRATEGIES; do  # before any training: a typo must not cost the first rounds
+  case " random entropy margin least-confident balanced-entropy typical " in
+    *" $s "*) ;;
+    *)
+      echo "al.sh: unknown strategy '$s' in STRATEGIES; use random, entropy, margin," \
+        "least-confident, balanced-entropy or typical" >&2
+      exit 2
+      ;;
+  esac
+done
 
 method=()
 if [ "$LOSS" = entropy ]; then
@@ -70,6 +86,20 @@ if [ "$LOSS" = entropy ]; then
     esac
   fi
   method=(--entropy-ratio "$ENTROPY_RATIO")
+fi
+
+# the settings every round of OUT_DIR must share: a rerun with others would mix them silently
+conf="INIT=$INIT N_QUERY=$N_QUERY DATASET=$DATASET LOSS=$LOSS ENTROPY_RATIO=$ENTROPY_RATIO EXTRA_ARGS=$EXTRA_ARGS QUERY_ARGS=$QUERY_ARGS"
+if [ "$DRY_RUN" != 1 ]; then
+  if [ -f "$OUT_DIR/al_settings.txt" ]; then
+    if [ "$(cat "$OUT_DIR/al_settings.txt")" != "$conf" ]; then
+      echo "al.sh: $OUT_DIR holds rounds made with other settings:" >&2
+      echo "  then: $(cat "$OUT_DIR/al_settings.txt")" >&2
+      echo "  now:  $conf" >&2
+      echo "use a new OUT_DIR (ROUNDS, STRATEGIES and SEEDS may change; these may not)" >&2
+      exit 2
+    fi
+  fi
 fi
 
 for seed in $SEEDS; do

@@ -25,6 +25,7 @@ import functools
 import hashlib
 import math
 import os
+import re
 import shutil
 import socket
 
@@ -178,6 +179,8 @@ def read_index_file(path: str) -> np.ndarray:
     file (blank lines and # comments ignored) or a 1-D integer .npy. Returned sorted, int64.
     Not empty, no duplicates, no negatives; the upper bound is checked against the dataset by
     check_index_range. Every problem is a ValueError naming the file and the fix."""
+    if os.path.isdir(path):
+        raise ValueError(f"labeled index file {path!r} is a directory; give the .txt or .npy file")
     if not os.path.isfile(path):
         raise ValueError(f"labeled index file {path!r} does not exist")
     if path.endswith(".npy"):
@@ -188,6 +191,8 @@ def read_index_file(path: str) -> np.ndarray:
         if a.ndim != 1 or not (np.issubdtype(a.dtype, np.integer) or a.size == 0):
             raise ValueError(f"{path}: expected a 1-D integer array of training indices, got "
                              f"shape {a.shape} dtype {a.dtype}")
+        if a.size and np.issubdtype(a.dtype, np.unsignedinteger) and a.max() > np.iinfo(np.int64).max:
+            raise ValueError(f"{path}: index {a.max()} is far out of range")
     else:
         vals = []
         with open(path, errors="replace") as fh:
@@ -195,11 +200,13 @@ def read_index_file(path: str) -> np.ndarray:
                 line = line.split("#")[0].strip()
                 if not line:
                     continue
-                try:
-                    vals.append(int(line))
-                except ValueError:
+                # plain ASCII digits only: int() would also take "1_0", "+2" or other scripts' digits
+                if not re.fullmatch(r"-?[0-9]+", line):
                     raise ValueError(f"{path}, line {n}: {line[:40]!r} is not an integer index; "
-                                     f"the file holds one training-set index per line") from None
+                                     f"the file holds one training-set index per line")
+                if len(line) > 18:
+                    raise ValueError(f"{path}, line {n}: index {line[:40]} is far out of range")
+                vals.append(int(line))
         a = np.array(vals, dtype=np.int64)
     if a.size == 0:
         raise ValueError(f"{path}: no indices; the labeled set needs at least one image")

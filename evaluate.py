@@ -388,8 +388,14 @@ def al_table(results_dir: str) -> tuple[str, str]:
     mean ± std over seeds, and per strategy the area under the accuracy curve of each seed whose
     rounds are all there (round 0 is every strategy's own)."""
     found = al_results(results_dir)
+    if not found:
+        raise ValueError(f"no al.sh results under {results_dir} (looked for "
+                         f"{os.path.join(results_dir, 'sSEED', 'r0', 'result.json')} and "
+                         f"sSEED/STRATEGY/rR/result.json); give al.sh's OUT_DIR")
     strategies = sorted({s for s, _ in found if s != "*"}) or ["*"]  # "*": round 0 only so far
     rounds = sorted({r for _, r in found})
+    if rounds[0] != 0:
+        print(f"warning: no round 0 under {results_dir}: no area under the curve", file=sys.stderr)
     csv_lines = ["strategy,round,labeled,seeds,mean_acc,std_acc,accs"]
     cells, aucs = {}, {}
     for st in strategies:
@@ -405,7 +411,8 @@ def al_table(results_dir: str) -> tuple[str, str]:
                 sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
                 csv_lines.append(f"{st},{r},{n_lab:g},{len(accs)},{statistics.mean(accs):.4f},"
                                  f"{sd:.4f},{' '.join(f'{a:.2f}' for a in accs)}")
-        aucs[st] = [area_under(pts) for pts in per_seed.values() if len(pts) == len(rounds)]
+        every = len(rounds) == rounds[-1] + 1  # rounds 0..R all there
+        aucs[st] = [area_under(pts) for pts in per_seed.values() if every and len(pts) == len(rounds)]
     labeled = {r: statistics.mean(n for (_, r2), runs in found.items() if r2 == r
                                   for n, _ in runs.values()) for r in rounds}
     head = " | ".join(f"round {r} ({labeled[r]:g} labels)" for r in rounds)
@@ -604,7 +611,10 @@ def main(argv=None) -> None:
     if args.al_table:
         if not os.path.isdir(args.al_table):
             p.error(f"{args.al_table} is not a directory")
-        md, csv_text = al_table(args.al_table)
+        try:
+            md, csv_text = al_table(args.al_table)
+        except ValueError as e:
+            sys.exit(f"evaluate.py: error: {e}")
         write_text(os.path.join(args.al_table, "al_table.csv"), csv_text, echo=False)
         write_text(os.path.join(args.al_table, "al_table.md"), md)
         return

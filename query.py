@@ -32,6 +32,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -291,11 +292,15 @@ def get_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.seed < 0:
         p.error(f"--seed must be >= 0, got {args.seed}")
+    if os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a directory; name a file, e.g. {args.out.rstrip('/')}/r1.txt")
     if not args.out.endswith((".txt", ".npy")):
         p.error(f"--out {args.out}: name the labeled set FILE.txt or FILE.npy (FILE.csv and "
                 f"FILE.json are written beside it)")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", args.device):
+        p.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
     return args
@@ -371,8 +376,10 @@ def main(argv=None) -> None:
     args = get_args(argv)
     try:
         r = query(args)
-    except (CheckpointError, ValueError, OSError) as e:
+    except (CheckpointError, ValueError, OSError, RuntimeError) as e:
         sys.exit(f"query.py: error: {e}")
+    except KeyError as e:
+        sys.exit(f"query.py: error: {args.run} is not a checkpoint of train.py (no {e} in it)")
     counts = ", ".join(f"{k} {v}" for k, v in r["per_predicted_class"].items() if v)
     print(f"{r['strategy']}: {r['n']} of {r['pool_size']} unlabeled images chosen with "
           f"{r['checkpoint']} (step {r['step']}) -> {args.out} ({r['labeled_after']} labeled); "

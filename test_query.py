@@ -312,6 +312,8 @@ def test_random_depends_on_the_seed_only(index_run, tmp_path):
     (["--n", "1000"], "unlabeled images left"),
     (["--n", "2", "--out", "x.csv"], "FILE.txt or FILE.npy"),
     (["--n", "2", "--seed", "-1"], "--seed must be >= 0"),
+    (["--n", "2", "--device", "bogus"], "--device must be auto, cpu, cuda or cuda:N"),
+    (["--n", "2", "--out", "/"], "is a directory"),
 ])
 def test_bad_query_arguments_are_one_line_errors(index_run, tmp_path, capsys, argv, msg):
     run, _, _ = index_run
@@ -320,6 +322,13 @@ def test_bad_query_arguments_are_one_line_errors(index_run, tmp_path, capsys, ar
         query.main([run, "--strategy", "entropy", "--device", "cpu", *out, *argv])
     err = exit_text(e, capsys)
     assert msg in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_query_of_a_file_that_is_not_a_run_is_one_line(tmp_path):
+    torch.save({"a": 1}, tmp_path / "junk.pt")
+    with pytest.raises(SystemExit, match="is not a checkpoint of train.py"):
+        query.main([str(tmp_path / "junk.pt"), "--n", "1", "--strategy", "entropy",
+                    "--out", str(tmp_path / "n.txt"), "--device", "cpu"])
 
 
 def test_query_of_a_missing_run_is_one_line(tmp_path):
@@ -378,6 +387,10 @@ def lidx_args(npz, out, path):
     ("-1\n3\n", "negative index -1"),
     ("# nothing\n\n", "no indices"),
     ("1\n60\n", "index 60 is out of range: the training set has 60 images"),
+    ("1_0\n", "'1_0' is not an integer"),
+    ("+2\n", "'+2' is not an integer"),
+    ("\u0663\n", "is not an integer"),
+    ("99999999999999999999999\n", "far out of range"),
 ])
 def test_bad_labeled_idx_files_are_one_line_errors(tiny_npz, tmp_path, capsys, content, msg):
     f = tmp_path / "idx.txt"
@@ -400,7 +413,20 @@ def test_labeled_idx_npy_comments_and_flag_conflicts(tiny_npz, tmp_path, capsys)
     np.save(tmp_path / "i.npy", np.array([5, 1, 3]))
     (tmp_path / "i.txt").write_text("# chosen by hand\n5\n 1 \n\n3  # a comment\n")
     assert data.read_index_file(str(tmp_path / "i.npy")).tolist() == [1, 3, 5]
+    np.save(tmp_path / "u.npy", np.array([2**63 + 5], dtype=np.uint64))
+    with pytest.raises(ValueError, match="far out of range"):
+        data.read_index_file(str(tmp_path / "u.npy"))
+    with pytest.raises(ValueError, match="is a directory"):
+        data.read_index_file(str(tmp_path))
     assert data.read_index_file(str(tmp_path / "i.txt")).tolist() == [1, 3, 5]
+
+
+def test_classes_without_labels_are_a_warning(tiny_npz, tmp_path, capsys):
+    f = tmp_path / "idx.txt"
+    f.write_text("0\n3\n")  # class 0 only (the tiny dataset's labels cycle 0, 1, 2)
+    args = lidx_args(tiny_npz, tmp_path / "run", f)
+    train.main(args[:args.index("--epochs") + 1] + ["1"] + args[args.index("--epochs") + 2:])
+    assert "warning: 2 of 3 classes have no labeled image: c1, c2" in capsys.readouterr().err
 
 
 def test_resume_with_another_labeled_set_is_refused(tiny_npz, tmp_path):
@@ -455,6 +481,9 @@ def test_al_sh_end_to_end_resumes_and_tabulates(tiny_npz, tmp_path):
     again = subprocess.run(["bash", os.path.join(HERE, "al.sh")], env=env, capture_output=True,
                            text=True, check=True, cwd=tmp_path)
     assert "train.py" not in again.stdout and "steps x" not in again.stdout  # all skipped
+    other = subprocess.run(["bash", os.path.join(HERE, "al.sh")], env=dict(env, N_QUERY="5"),
+                           capture_output=True, text=True, cwd=tmp_path)
+    assert other.returncode == 2 and "holds rounds made with other settings" in other.stderr
 
 
 def test_al_sh_needs_beta_where_the_paper_has_none(tiny_npz, tmp_path):
@@ -465,6 +494,11 @@ def test_al_sh_needs_beta_where_the_paper_has_none(tiny_npz, tmp_path):
     r = subprocess.run(["bash", os.path.join(HERE, "al.sh")],
                        env=al_env(tiny_npz, tmp_path / "al", ROUNDS="x"), capture_output=True, text=True)
     assert r.returncode == 2 and "ROUNDS must be a whole number" in r.stderr
+    r = subprocess.run(["bash", os.path.join(HERE, "al.sh")],
+                       env=al_env(tiny_npz, tmp_path / "al", STRATEGIES="random bogus"),
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown strategy 'bogus'" in r.stderr and not r.stdout
+    assert not (tmp_path / "al").exists()
 
 
 def test_al_table_means_and_area_under_the_curve(tmp_path):
@@ -491,3 +525,13 @@ def test_al_table_with_round_0_only(tmp_path):
         json.dump({"final_acc": 0.3, "labeled_counts": [5, 5]}, fh)
     md, _ = evaluate.al_table(str(tmp_path))
     assert "round 0 (10 labels)" in md and "30.00 (1 seed)" in md
+
+
+def test_al_table_of_nothing_is_an_error_and_no_round_0_means_no_area(tmp_path):
+    with pytest.raises(ValueError, match="no al.sh results under"):
+        evaluate.al_table(str(tmp_path))
+    os.makedirs(tmp_path / "s0" / "random" / "r1")
+    with open(tmp_path / "s0" / "random" / "r1" / "result.json", "w") as fh:
+        json.dump({"final_acc": 0.3, "labeled_counts": [5, 5]}, fh)
+    md, _ = evaluate.al_table(str(tmp_path))
+    assert md.splitlines()[2].endswith("| not run |")  # the area needs round 0

@@ -785,6 +785,11 @@ def main(argv=None) -> dict:
             f"amp {str(run.amp_dtype).replace('torch.', '') if run.amp_dtype else 'off'} | "
             f"{run.total} steps x {ipb} images -> {args.out}", flush=True)
 
+    unlabeled_classes = [run.classes[c] for c, n in enumerate(run.labeled_counts) if n == 0]
+    if unlabeled_classes:  # allowed (e.g. an active-learning start), but worth knowing
+        print(f"warning: {len(unlabeled_classes)} of {run.k} classes have no labeled image: "
+              f"{', '.join(unlabeled_classes[:10])}{' ...' if len(unlabeled_classes) > 10 else ''}",
+              file=sys.stderr)
     tb = open_tensorboard(args.out, run.step) if args.tensorboard and run.rank == 0 else None
     try:
         train_loop(run, metrics_path, ipb, tb)

@@ -26,6 +26,18 @@ import losses
 
 STRONG_VIEWS = {"base": 2, "entropy": 2, "fixmatch": 1, "ccssl": 2, "simmatch": 1}
 CLASSIFIER = ("fixmatch", "ccssl", "simmatch")  # methods that predict with a linear classifier
+# train.py's method-specific flags: (default, the methods they apply to). Given for another
+# method, a flag is an error; not given, it takes the default for its methods and None elsewhere.
+CONTRASTIVE, PEERS = ("base", "entropy"), CLASSIFIER
+FLAGS = {
+    "pl_temp": (0.08, CONTRASTIVE), "temp": (0.1, CONTRASTIVE), "low_weight": (0.2, CONTRASTIVE),
+    "pair_weight": ("geometric", ("entropy",)),
+    "lambda_u": (1.0, PEERS), "lambda_c": (1.0, ("ccssl",)), "ccssl_temp": (0.07, ("ccssl",)),
+    "lambda_in": (1.0, ("simmatch",)), "bank_momentum": (0.7, ("simmatch",)),
+    "bank_temp": (0.1, ("simmatch",)), "smoothing_alpha": (0.9, ("simmatch",)),
+    "da_len": (32, ("simmatch",)),
+    "hard_weight": (0.0, PEERS),
+}
 DIAG = ("n_ulb", "confident", "entropy_selected", "unconfident", "correct_confident",
         "correct_selected", "weight_sum", "correct_p_hat", "correct_p_w")
 
@@ -248,3 +260,12 @@ def simmatch_step(o: Out, model, a, entropy_on: bool = False, state: SimMatchSta
 
 STEPS = {"base": contrastive_step, "entropy": contrastive_step, "fixmatch": fixmatch_step,
          "ccssl": ccssl_step, "simmatch": simmatch_step}
+
+
+def make_state(loss: str, y_lb: torch.Tensor, num_classes: int, da_len: int | None,
+               generator: torch.Generator) -> SimMatchState | None:
+    """The state a method keeps between steps (saved in the checkpoint): SimMatch's bank and
+    queue; None for the other methods."""
+    if loss != "simmatch":
+        return None
+    return SimMatchState(y_lb, num_classes, 128, da_len, generator)

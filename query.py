@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 import data
 from evaluate import (CheckpointError, classifier_run, load_run_model, outputs_all,
-                      read_checkpoint, resolve_dataset)
+                      read_checkpoint, resolve_dataset, write_text)
 
 STRATEGIES = ("random", "entropy", "margin", "least-confident", "balanced-entropy", "typical")
 KNN = 20  # neighbours of TypiClust's typicality
@@ -87,20 +87,20 @@ def balanced_top_n(h: np.ndarray, pred: np.ndarray, idx: np.ndarray, n: int) -> 
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int, g: torch.Generator) -> torch.Tensor:
-    """Cluster of each row of x (N, D): k-means++ initialisation drawn with generator g, then a
-    fixed number of Lloyd iterations; a cluster left empty is re-seeded with the point farthest
-    from its centroid. Deterministic for a given generator state, batched on x's device."""
+    """Cluster of each row of x (N, D): k-means++ initialisation drawn with generator g (on x's
+    device), then a fixed number of Lloyd iterations; a cluster left empty is re-seeded with the
+    point farthest from its centroid. Deterministic for a given generator state, batched on x's device."""
     n = len(x)
     if not 1 <= k <= n:
         raise ValueError(f"k-means needs 1 <= k <= {n} points, got k = {k}")
-    first = torch.randint(n, (1,), generator=g, device=g.device).to(x.device)
+    first = torch.randint(n, (1,), generator=g, device=x.device)
     centers = x[first]
     d2 = sq_dist(x, centers).squeeze(1)
     for _ in range(1, k):  # k-means++: the next center with probability proportional to d^2
         if d2.sum() > 0:
-            nxt = torch.multinomial((d2 / d2.sum()).to(g.device), 1, generator=g).to(x.device)
+            nxt = torch.multinomial(d2 / d2.sum(), 1, generator=g)
         else:  # every point is already a center's duplicate
-            nxt = torch.randint(n, (1,), generator=g, device=g.device).to(x.device)
+            nxt = torch.randint(n, (1,), generator=g, device=x.device)
         centers = torch.cat([centers, x[nxt]])
         d2 = torch.minimum(d2, sq_dist(x, x[nxt]).squeeze(1))
     for _ in range(iters):
@@ -247,13 +247,6 @@ def choose(strategy: str, n: int, pool: np.ndarray, p: torch.Tensor, emb: torch.
 
 # ---------------------------------------------------------------- files
 
-def write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def write_index_file(path: str, idx: np.ndarray) -> None:
     """Sorted indices as train.py --labeled-idx reads them: .npy, or text one per line."""
     if path.endswith(".npy"):
@@ -261,7 +254,7 @@ def write_index_file(path: str, idx: np.ndarray) -> None:
         np.save(tmp, idx.astype(np.int64))
         os.replace(tmp, path)
     else:
-        write_atomic(path, "".join(f"{i}\n" for i in idx))
+        write_text(path, "".join(f"{i}\n" for i in idx), echo=False)
 
 
 def side_files(out: str) -> tuple[str, str]:
@@ -366,8 +359,8 @@ def query(args: argparse.Namespace) -> dict:
                                       for c in range(ds["num_classes"])},
               "out": args.out, "csv": csv_path}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_atomic(csv_path, table.getvalue())
-    write_atomic(json_path, json.dumps(record, indent=1) + "\n")
+    write_text(csv_path, table.getvalue(), echo=False)
+    write_text(json_path, json.dumps(record, indent=1) + "\n", echo=False)
     write_index_file(args.out, np.union1d(labeled, new))  # last: its existence means done
     return record
 

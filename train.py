@@ -40,18 +40,6 @@ CONFIG_KEYS = ("dataset", "labels_per_class", "loss", "seed", "arch", "epochs", 
                "ccssl_temp", "lambda_in", "bank_momentum", "bank_temp", "smoothing_alpha",
                "da_len", "lt_labeled", "lt_unlabeled", "imb_ratio_l", "imb_ratio_u", "hard_weight",
                "labeled_idx_sha256")
-# method-specific flags: (default, the methods they apply to). Given for another method, a flag
-# is an error; not given, it takes the default for its methods and None elsewhere.
-CONTRASTIVE, PEERS = ("base", "entropy"), methods.CLASSIFIER
-METHOD_FLAGS = {
-    "pl_temp": (0.08, CONTRASTIVE), "temp": (0.1, CONTRASTIVE), "low_weight": (0.2, CONTRASTIVE),
-    "pair_weight": ("geometric", ("entropy",)),
-    "lambda_u": (1.0, PEERS), "lambda_c": (1.0, ("ccssl",)), "ccssl_temp": (0.07, ("ccssl",)),
-    "lambda_in": (1.0, ("simmatch",)), "bank_momentum": (0.7, ("simmatch",)),
-    "bank_temp": (0.1, ("simmatch",)), "smoothing_alpha": (0.9, ("simmatch",)),
-    "da_len": (32, ("simmatch",)),
-    "hard_weight": (0.0, PEERS),
-}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -322,7 +310,7 @@ def check_long_tailed(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
 def check_method_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """A method flag given for a method it does not apply to is an error; the rest get their
     method's default (None where they do not apply, so the saved configuration says so)."""
-    for name, (default, owners) in METHOD_FLAGS.items():
+    for name, (default, owners) in methods.FLAGS.items():
         if args.loss not in owners:
             if getattr(args, name) is not None:
                 p.error(f"--{name.replace('_', '-')} applies to --loss {' / '.join(owners)} only, "
@@ -441,9 +429,8 @@ class Run:
                             if args.mu > 0 else None)
         self.step_fn = methods.STEPS[args.loss]
         self.n_strong = methods.STRONG_VIEWS[args.loss]
-        self.method_state = (methods.SimMatchState(self.y_train[self.lb], self.k, 128, args.da_len,
-                                                   torch.Generator(dev).manual_seed(args.seed + 4))
-                             if args.loss == "simmatch" else None)
+        self.method_state = methods.make_state(args.loss, self.y_train[self.lb], self.k, args.da_len,
+                                               torch.Generator(dev).manual_seed(args.seed + 4))
         self.total = args.epochs * args.steps_per_epoch
         self.step = 0
         self.history: list[float] = []  # test accuracy of each evaluation

@@ -1,4 +1,4 @@
-"""Throughput measurements (README: Speed): augmentation, training step, loss.
+"""Throughput measurements (docs/speed.md): augmentation, training step, loss.
 
     python bench.py                          # CPU, 1 thread for augmentation, writes nothing
     python bench.py --device cuda --compile --json bench_h100.json
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import config
 import data
 import losses
 
@@ -124,7 +125,7 @@ def bench_train(dev: torch.device, k: int, steps: int, arch: str, compile_: bool
     rng = np.random.default_rng(0)
     np.savez(path, x_train=synthetic_images(n), y_train=rng.integers(0, k, n),
              x_test=synthetic_images(256, seed=1), y_test=rng.integers(0, k, 256))
-    args = train.get_args(["--dataset", f"npz:{path}", "--labels-per-class", "4", "--arch", arch,
+    args = config.get_args(["--dataset", f"npz:{path}", "--labels-per-class", "4", "--arch", arch,
                            "--device", str(dev), "--out", os.path.join(tmp, f"run{k}_{method}"),
                            "--loss", method]
                           + (["--entropy-ratio", "0.2"] if method == "entropy" else [])

@@ -1,7 +1,7 @@
 """Datasets, the labeled/unlabeled split, index sampling and batched on-device augmentation.
 
 The training images live on the training device as uint8 (N, 3, H, W). A step draws index
-batches and augments whole batches at once with per-image random parameters (README: notes, Speed):
+batches and augments whole batches at once with per-image random parameters (docs/method.md, docs/speed.md):
 
     weak   alpha : horizontal flip, then translation by up to 4 px with reflect padding
     strong A     : weak, then RandAugment as in USB / [G] (3 ops drawn with replacement from 14,
@@ -165,6 +165,23 @@ def split_labeled(y: np.ndarray, n_per_class: int, seed: int, num_classes: int |
                            "training images", "labels per class asked for")
 
 
+def split_indices(y: np.ndarray, k: int, args) -> tuple[np.ndarray, np.ndarray]:
+    """(labeled, unlabeled) training indices for train.py's flags: the seeded per-class split with
+    the whole training set unlabeled (FixMatch, [G]), the indices of --labeled-idx
+    (docs/active_learning.md), or the long-tailed split with disjoint sets (docs/long_tailed.md)."""
+    if args.labeled_idx:
+        if sha256_of(args.labeled_idx) != args.labeled_idx_sha256:
+            raise ValueError(f"--labeled-idx {args.labeled_idx} changed while the run started; "
+                             f"run the command again")
+        idx = read_index_file(args.labeled_idx)
+        check_index_range(idx, len(y), args.labeled_idx)
+        return idx, np.arange(len(y))
+    if args.lt_labeled:
+        return split_long_tailed(y, args.lt_labeled, args.lt_unlabeled, args.imb_ratio_l,
+                                 args.imb_ratio_u, args.seed, k)
+    return split_labeled(y, args.labels_per_class, args.seed, k), np.arange(len(y))
+
+
 def sha256_of(path: str) -> str:
     """Hex sha256 of a file (a labeled set, a checkpoint), read in 1 MiB blocks."""
     h = hashlib.sha256()
@@ -228,7 +245,7 @@ def check_index_range(idx: np.ndarray, n_train: int, path: str) -> None:
 
 
 def lt_counts(n1: int, gamma: float, num_classes: int) -> list[int]:
-    """Long-tailed class counts (README: long-tailed):
+    """Long-tailed class counts (docs/long_tailed.md):
     N_k = floor(N_1 gamma^(-(k-1)/(K-1))), k = 1..K, class 1 (index 0) the head, the last class
     exactly floor(N_1 / gamma). gamma = 1 is uniform; a negative gamma gives the list of |gamma|
     reversed (head classes rare)."""
@@ -245,7 +262,7 @@ def lt_counts(n1: int, gamma: float, num_classes: int) -> list[int]:
 
 def split_long_tailed(y: np.ndarray, n1: int, m1: int, gamma_l: float, gamma_u: float, seed: int,
                       num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Labeled and unlabeled indices of the long-tailed protocol (README: long-tailed; USB's CISSL):
+    """Labeled and unlabeled indices of the long-tailed protocol (docs/long_tailed.md; USB's CISSL):
     per class a seeded shuffle, the first N_k labeled, the next M_k unlabeled (disjoint)."""
     n_l, n_u = lt_counts(n1, gamma_l, num_classes), lt_counts(m1, gamma_u, num_classes)
     rng = np.random.default_rng(seed)
@@ -621,9 +638,8 @@ def make_subset(ds: dict, per_class_train: int, per_class_test: int, seed: int) 
 
 def save_npz(path: str, arrays: dict) -> None:
     """np.savez, written atomically (a temporary file, then a rename)."""
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    import checkpoint
+    checkpoint.atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
 def main(argv=None) -> None:

@@ -1,4 +1,4 @@
-"""One run across several GPUs or machines with torchrun (README: More than one GPU).
+"""One run across several GPUs or machines with torchrun (docs/multi_gpu.md).
 
     torchrun --nproc_per_node=4 train.py --dataset cifar10 --labels-per-class 4 --loss entropy
 

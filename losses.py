@@ -1,6 +1,6 @@
 """Losses of [N&O] (entropy-weighted semi-supervised contrastive learning) and its baseline [G].
 
-Equation numbers follow the README's Reconstruction notes, where the paper's lost symbols are
+Equation numbers follow docs/method.md, where the paper's lost symbols are
 reconstructed:
 
     prototype_probs        Eq. (4)        pseudo-label probabilities from prototype similarities
@@ -10,7 +10,7 @@ reconstructed:
     pair_weighted_supcon   Eq. (8)        proposed loss [N&O], pair weights sqrt(w_i w_p)
     contrastive_batch      -              rows [prototypes; labeled; strong 1; strong 2]
 
-The peer methods of the README's peer methods (FixMatch, CCSSL, SimMatch):
+The peer methods of docs/peers.md (FixMatch, CCSSL, SimMatch):
 
     fixmatch_mask          mask m_b = [max_k p_bk >= tau] and pseudo-label argmax_k p_bk
     masked_cross_entropy   (1/U) sum_b m_b CE(logits_b, yhat_b)
@@ -194,7 +194,7 @@ def pair_weighted_supcon(features: torch.Tensor, labels: torch.Tensor, weights: 
         wbar_i = (1/|P(i)|) sum_p sqrt(w_i w_p),
 
     l_ip, P(i) and I' as in Eq. (6). pair="product" uses CCSSL's w_i w_p instead, in the
-    numerator and the normaliser alike (README: peers, ablation). Returns a float32 scalar (0 when the
+    numerator and the normaliser alike (docs/peers.md, ablation). Returns a float32 scalar (0 when the
     denominator is 0).
     """
     _check_rows(features, labels, weights, validate)
@@ -221,7 +221,7 @@ def contrastive_batch(prototypes: torch.Tensor, z_lb: torch.Tensor, y_lb: torch.
                       pseudo_weights: torch.Tensor | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows Z = [prototypes; z^x; z^1; z^2] with labels [0..K-1; y; yhat; yhat] and weights
-    [1; 1; w; w] (README: notes). The unlabeled parts may be None (labeled-only training)."""
+    [1; 1; w; w] (docs/method.md). The unlabeled parts may be None (labeled-only training)."""
     k = prototypes.shape[0]
     dev = prototypes.device
     feats = [prototypes, z_lb]
@@ -237,7 +237,7 @@ def contrastive_batch(prototypes: torch.Tensor, z_lb: torch.Tensor, y_lb: torch.
     return (torch.cat([f.to(dtype) for f in feats]), torch.cat(labels), torch.cat(weights))
 
 
-# ---------------------------------------------------------------- peer methods (README: peers)
+# ---------------------------------------------------------------- peer methods (docs/peers.md)
 
 def _check_2d(name: str, t: torch.Tensor) -> None:
     if t.dim() != 2 or not t.dtype.is_floating_point:
@@ -288,7 +288,7 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 def ccssl_supcon(features: torch.Tensor, labels: torch.Tensor, confidence: torch.Tensor,
                  temperature: float = 0.07, validate: bool = True) -> torch.Tensor:
-    """CCSSL's class-aware contrastive loss (README: peers) over rows [z^1; z^2] (2U, D):
+    """CCSSL's class-aware contrastive loss (docs/peers.md) over rows [z^1; z^2] (2U, D):
 
         l_i = -sum_j pos_ij W_ij log softmax_{a != i}(z_i.z_a / T)_j / sum_j pos_ij W_ij
 
@@ -332,7 +332,7 @@ def distribution_alignment(probs: torch.Tensor, mean_probs: torch.Tensor) -> tor
 def simmatch_targets(probs_w: torch.Tensor, bank_logits: torch.Tensor, bank_labels: torch.Tensor,
                      alpha: float = 0.9, validate: bool = True
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SimMatch's label propagation through the labeled memory bank (README: peers):
+    """SimMatch's label propagation through the labeled memory bank (docs/peers.md):
 
         q = softmax(bank_logits)  (U, L),  bank_logits = z^w . bank^T / t
         unfolding    q_hat_bj = q_bj p_w[b, label_j] / sum_j' q_bj' p_w[b, label_j']
@@ -364,7 +364,7 @@ def simmatch_targets(probs_w: torch.Tensor, bank_logits: torch.Tensor, bank_labe
 
 
 def oheml_weight(probs: torch.Tensor, s: float, validate: bool = True) -> torch.Tensor:
-    """SeMi's entropy hard-example weight (README: long-tailed): w_b = s H(p_b) / log K + (1 - s),
+    """SeMi's entropy hard-example weight (docs/long_tailed.md): w_b = s H(p_b) / log K + (1 - s),
     1 - s for a one-hot p_b (easy), 1 for the uniform one (hard) -- the opposite direction to [N&O]'s
     entropy weighting. Returns float32 (U,)."""
     _check_probs(probs, validate)

@@ -1,7 +1,7 @@
 """One training step per method: from the forward pass of one batch to (loss, diagnostics).
 
-    contrastive_step   --loss base | entropy   [G] Eqs. (4)-(7) / [N&O] Eqs. (8)-(14)   (README: notes)
-    fixmatch_step      --loss fixmatch         Sohn et al. 2020                          (README: peers)
+    contrastive_step   --loss base | entropy   [G] Eqs. (4)-(7) / [N&O] Eqs. (8)-(14)   (docs/method.md)
+    fixmatch_step      --loss fixmatch         Sohn et al. 2020                          (docs/peers.md)
     ccssl_step         --loss ccssl            Yang et al. 2022: FixMatch + class-aware contrast
     simmatch_step      --loss simmatch         Zheng et al. 2022, as USB runs it on CIFAR
 
@@ -107,36 +107,38 @@ def no_unlabeled(device, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ---------------------------------------------------------------- [G] and [N&O] (Table 1)
 
-def contrastive_step(o: Out, model, a, entropy_on: bool, state=None, epoch: int = 0):
+def contrastive_step(o: Out, model, a, step: int = 0, state=None):
     """[G] (--loss base): Eqs. (4)-(7); [N&O] (--loss entropy): Eqs. (4), (5), (8)-(14).
 
-    Rows [prototypes (labels 0..K-1); z^x (true labels); z^1; z^2 (pseudo-labels, shared)]."""
+    Rows [prototypes (labels 0..K-1); z^x (true labels); z^1; z^2 (pseudo-labels, shared)].
+    Entropy selection and weighting (Eqs. 10-14) are on for the first --entropy-epochs epochs;
+    afterwards labels and weights follow Eqs. (5), (7) while the loss stays Eq. (8)."""
+    entropy_on = a.loss == "entropy" and step < a.entropy_epochs * a.steps_per_epoch
     protos = model.prototypes
+    k = protos.shape[0]
     if o.z_w is None:  # --mu 0: prototypes and labeled rows only
         feats, labels, weights = losses.contrastive_batch(protos, o.z_lb, o.y_lb)
-        loss = contrastive_loss(feats, labels, weights, a)
-        return loss, *no_unlabeled(protos.device, len(protos))
-    with torch.no_grad():  # Eq. (4): targets from the online model's weak view
-        q = losses.prototype_probs(o.z_w.detach(), protos.detach(), a.pl_temp)
-        pl, pw = losses.assign_pseudo_labels(q, a.threshold, a.entropy_ratio if entropy_on else None,
-                                             a.low_weight, a.entropy_weighting, validate=False)
-    feats, labels, weights = losses.contrastive_batch(protos, o.z_lb, o.y_lb, o.z_s[0], o.z_s[1],
-                                                      pl, pw)
-    k = protos.shape[0]
-    conf, pred = q.max(1)
-    confident = conf >= a.threshold
-    return (contrastive_loss(feats, labels, weights, a),
-            *diagnostics(o, k, pred, confident, (pl < k) & ~confident, pw))
+        diag = no_unlabeled(protos.device, k)
+    else:
+        with torch.no_grad():  # Eq. (4): targets from the online model's weak view
+            q = losses.prototype_probs(o.z_w.detach(), protos.detach(), a.pl_temp)
+            pl, pw = losses.assign_pseudo_labels(q, a.threshold,
+                                                 a.entropy_ratio if entropy_on else None,
+                                                 a.low_weight, a.entropy_weighting, validate=False)
+        feats, labels, weights = losses.contrastive_batch(protos, o.z_lb, o.y_lb, o.z_s[0],
+                                                          o.z_s[1], pl, pw)
+        conf, pred = q.max(1)
+        confident = conf >= a.threshold
+        diag = diagnostics(o, k, pred, confident, (pl < k) & ~confident, pw)
+    if a.loss == "base":  # [G] Eq. (6): anchor-weighted
+        loss = losses.anchor_weighted_supcon(feats, labels, weights, a.temp, validate=False)
+    else:  # [N&O] Eq. (8): pair-weighted
+        loss = losses.pair_weighted_supcon(feats, labels, weights, a.temp, validate=False,
+                                           pair=a.pair_weight)
+    return loss, *diag
 
 
-def contrastive_loss(feats, labels, weights, a) -> torch.Tensor:
-    if a.loss == "base":
-        return losses.anchor_weighted_supcon(feats, labels, weights, a.temp, validate=False)
-    return losses.pair_weighted_supcon(feats, labels, weights, a.temp, validate=False,
-                                       pair=a.pair_weight)
-
-
-# ---------------------------------------------------------------- peers (README: peers)
+# ---------------------------------------------------------------- peers (docs/peers.md)
 
 def weak_teacher(o: Out) -> torch.Tensor:
     """p_b = softmax(logits(alpha(u_b))) of the online model, temperature 1, no gradient."""
@@ -151,33 +153,33 @@ HARD_WEIGHT_EPOCH = 5  # SeMi's entropy hard-example weighting starts after 5 ep
 
 
 def hard_weight(target: torch.Tensor, a, epoch: int) -> torch.Tensor | float:
-    """SeMi's OHEML weight of each unlabeled loss term (README: long-tailed), from the teacher's target
+    """SeMi's OHEML weight of each unlabeled loss term (docs/long_tailed.md), from the teacher's target
     distribution; 1 without --hard-weight or during the first epochs."""
     if not a.hard_weight or epoch < HARD_WEIGHT_EPOCH:
         return 1.0
     return losses.oheml_weight(target, a.hard_weight, validate=False)
 
 
-def fixmatch_step(o: Out, model, a, entropy_on: bool = False, state=None, epoch: int = 0):
+def fixmatch_step(o: Out, model, a, step: int = 0, state=None):
     """L = CE(logits(x), y) + lambda_u (1/muB) sum_b m_b CE(logits(A1(u_b)), yhat_b)."""
     if o.z_w is None:
         return supervised_ce(o), *no_unlabeled(o.y_lb.device, o.logits_lb.shape[1])
     p = weak_teacher(o)
     mask, pl = losses.fixmatch_mask(p, a.threshold, validate=False)
-    w = mask * hard_weight(p, a, epoch)
+    w = mask * hard_weight(p, a, step // a.steps_per_epoch)
     l_u = losses.masked_cross_entropy(o.logits_s[0].float(), pl, w)
     return supervised_ce(o) + a.lambda_u * l_u, *diagnostics(o, p.shape[1], pl, mask > 0, weight=w)
 
 
-def ccssl_step(o: Out, model, a, entropy_on: bool = False, state=None, epoch: int = 0):
+def ccssl_step(o: Out, model, a, step: int = 0, state=None):
     """FixMatch on strong view 1, plus lambda_c times the class-aware contrastive loss over the
-    projections [z^1; z^2] of all unlabeled samples, targets weighted by c_i c_j (README: peers)."""
+    projections [z^1; z^2] of all unlabeled samples, targets weighted by c_i c_j (docs/peers.md)."""
     if o.z_w is None:
         return supervised_ce(o), *no_unlabeled(o.y_lb.device, o.logits_lb.shape[1])
     p = weak_teacher(o)
     mask, pl = losses.fixmatch_mask(p, a.threshold, validate=False)
     conf = p.max(1).values
-    w = mask * hard_weight(p, a, epoch)
+    w = mask * hard_weight(p, a, step // a.steps_per_epoch)
     l_u = losses.masked_cross_entropy(o.logits_s[0].float(), pl, w)
     l_c = losses.ccssl_supcon(torch.cat(o.z_s[:2]), pl, conf, a.ccssl_temp, validate=False)
     return (supervised_ce(o) + a.lambda_u * l_u + a.lambda_c * l_c,
@@ -231,14 +233,14 @@ class SimMatchState:
         self.queue, self.filled = s["queue"].to(dev), s["filled"].to(dev)
 
 
-def simmatch_step(o: Out, model, a, entropy_on: bool = False, state: SimMatchState = None,
-                  epoch: int = 0):
-    """Lx + lambda_u Lu + lambda_in L_in with labeled-bank label propagation (README: peers).
+def simmatch_step(o: Out, model, a, step: int = 0, state: SimMatchState = None):
+    """Lx + lambda_u Lu + lambda_in L_in with labeled-bank label propagation (docs/peers.md).
 
     The bank is read before the step's loss and updated with the labeled batch afterwards."""
     if o.z_w is None:
         state.update(o.pos_lb, o.z_lb.detach(), a.bank_momentum)
         return supervised_ce(o), *no_unlabeled(o.y_lb.device, o.logits_lb.shape[1])
+    epoch = step // a.steps_per_epoch
     bank = state.bank.clone()  # the state is updated in place below; the loss keeps this copy
     with torch.no_grad():
         p_w = state.align(weak_teacher(o))

@@ -1,5 +1,5 @@
 """WideResNet-28-2 backbone (as [G] ran it: USB's wrn_28_2), projection head and class prototypes
-(README: notes). `variant="tf"` is FixMatch's TensorFlow original instead.
+(docs/method.md). `variant="tf"` is FixMatch's TensorFlow original instead.
 
 Encoder f = backbone -> head Linear(C,128) -> ReLU -> Linear(128,128) -> L2 normalisation.
 Prototypes c_1..c_K are a trainable (K, 128) parameter, normalised where they are used.
@@ -84,7 +84,7 @@ class WideResNet(nn.Module):
 
 class Encoder(nn.Module):
     """Backbone + projection head (L2-normalised output) + K class prototypes, or, for the peer
-    methods (README: peers), a linear classifier on the pooled backbone feature instead of prototypes."""
+    methods (docs/peers.md), a linear classifier on the pooled backbone feature instead of prototypes."""
 
     def __init__(self, num_classes: int, arch: str = "wrn-28-2", dim: int = 128,
                  bn_momentum: float = BN_MOMENTUM, classifier: bool = False, variant: str = "usb"):
@@ -130,8 +130,8 @@ class Encoder(nn.Module):
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Nearest prototype by cosine similarity (README: notes, Prediction), or the argmax of the
-        classifier logits for the peer methods (README: peers)."""
+        """Nearest prototype by cosine similarity (docs/method.md, Prediction), or the argmax of the
+        classifier logits for the peer methods (docs/peers.md)."""
         return self.class_scores(x).argmax(1)
 
 

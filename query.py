@@ -1,4 +1,4 @@
-"""Active learning query: which training images should be labeled next (README: active learning).
+"""Active learning query: which training images should be labeled next (docs/active_learning.md).
 
     python query.py runs/r0 --n 40 --strategy entropy --out al/r1.txt
     python train.py --labeled-idx al/r1.txt ...            # the next round, from scratch
@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 
 import data
-from evaluate import (CheckpointError, classifier_run, load_run_model, outputs_all,
-                      read_checkpoint, resolve_dataset, write_text)
+from checkpoint import CheckpointError, atomic_write, read_checkpoint, write_text
+from evaluate import classifier_run, load_run_model, outputs_all, resolve_dataset
 
 STRATEGIES = ("random", "entropy", "margin", "least-confident", "balanced-entropy", "typical")
 KNN = 20  # neighbours of TypiClust's typicality
@@ -250,11 +250,9 @@ def choose(strategy: str, n: int, pool: np.ndarray, p: torch.Tensor, emb: torch.
 def write_index_file(path: str, idx: np.ndarray) -> None:
     """Sorted indices as train.py --labeled-idx reads them: .npy, or text one per line."""
     if path.endswith(".npy"):
-        tmp = f"{path}.tmp.npy"
-        np.save(tmp, idx.astype(np.int64))
-        os.replace(tmp, path)
+        atomic_write(path, lambda fh: np.save(fh, idx.astype(np.int64)))
     else:
-        write_text(path, "".join(f"{i}\n" for i in idx), echo=False)
+        write_text(path, "".join(f"{i}\n" for i in idx))
 
 
 def side_files(out: str) -> tuple[str, str]:
@@ -359,8 +357,8 @@ def query(args: argparse.Namespace) -> dict:
                                       for c in range(ds["num_classes"])},
               "out": args.out, "csv": csv_path}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_text(csv_path, table.getvalue(), echo=False)
-    write_text(json_path, json.dumps(record, indent=1) + "\n", echo=False)
+    write_text(csv_path, table.getvalue())
+    write_text(json_path, json.dumps(record, indent=1) + "\n")
     write_index_file(args.out, np.union1d(labeled, new))  # last: its existence means done
     return record
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-import train
+import config
 from conftest import tiny_args
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -22,6 +22,7 @@ METHODS = ["base", "entropy", "fixmatch", "ccssl", "simmatch"]
 CHECK = """
 import os, sys, torch
 sys.path.insert(0, {here!r})
+import config
 import train
 from conftest import drop, tiny_args
 npz, out = sys.argv[1], sys.argv[2]
@@ -29,7 +30,7 @@ result = {{}}
 for loss in {methods!r}:
     argv = drop(tiny_args(npz, out + "/" + loss, "--loss", loss, "--batch-size", "4", "--mu", "2"),
                 *([] if loss == "entropy" else ["--entropy-ratio"]))
-    run = train.Run(train.get_args(argv))
+    run = train.Run(config.get_args(argv))
     for m in run.model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.eval()  # per-rank BN statistics would differ from the global ones on CPU
@@ -126,5 +127,5 @@ def test_kill_and_resume_two_ranks_is_bitwise_exact(tiny_npz, tmp_path):
 def test_batch_sizes_must_divide_by_the_world_size(tiny_npz, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(SystemExit):
-        train.get_args(tiny_args(tiny_npz, tmp_path / "r"))
+        config.get_args(tiny_args(tiny_npz, tmp_path / "r"))
     assert "must divide by the 3 processes" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+import config
 import train
 from conftest import tiny_args
 
@@ -14,7 +15,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def losses_after_steps(args, n=4):
-    run = train.Run(train.get_args(args))
+    run = train.Run(config.get_args(args))
     out = []
     for _ in range(n):
         before = run.stats[0].item()
@@ -53,7 +54,7 @@ def test_lr_schedule_is_fixmatch_cosine():
 
 
 def test_weight_decay_only_on_matrices(tiny_npz, tmp_path):
-    run = train.Run(train.get_args(tiny_args(tiny_npz, tmp_path / "wd")))
+    run = train.Run(config.get_args(tiny_args(tiny_npz, tmp_path / "wd")))
     decay, no_decay = run.opt.param_groups
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0
     assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
@@ -61,11 +62,11 @@ def test_weight_decay_only_on_matrices(tiny_npz, tmp_path):
 
 
 COMPILE_CHECK = """
-import json, sys, torch, train
+import json, sys, torch, config, train
 from conftest import write_tiny_npz
 npz = write_tiny_npz(sys.argv[1] + "/c.npz", size=8)
 def losses(*extra):
-    run = train.Run(train.get_args(["--dataset", "npz:" + npz, "--labels-per-class", "2",
+    run = train.Run(config.get_args(["--dataset", "npz:" + npz, "--labels-per-class", "2",
         "--arch", "wrn-10-1", "--batch-size", "4", "--mu", "2", "--epochs", "1",
         "--steps-per-epoch", "3", "--entropy-ratio", "0.5", "--device", "cpu",
         "--out", sys.argv[1] + "/run" + "".join(extra), *extra]))

@@ -3,6 +3,7 @@ the AMP precision decision, and which resumes are allowed."""
 import pytest
 import torch
 
+import config
 import evaluate
 import train
 from conftest import tiny_args
@@ -10,7 +11,7 @@ from model import Encoder
 
 
 def test_defaults_match_g_final_configuration(tiny_npz, tmp_path):
-    a = train.get_args(tiny_args(tiny_npz, tmp_path / "r"))
+    a = config.get_args(tiny_args(tiny_npz, tmp_path / "r"))
     assert a.pl_temp == 0.08  # [G] configD0-D3: pl_temp 0.04 on (cos + 1) / 2
     assert a.wrn_variant == "usb" and a.temp == 0.1 and a.low_weight == 0.2
 

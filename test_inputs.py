@@ -13,6 +13,7 @@ import torch
 
 import data
 import evaluate
+import report
 import train
 from conftest import tiny_args, write_tiny_npz
 
@@ -198,7 +199,7 @@ def test_help_has_no_default_none_and_result_json_no_hidden_flag(tiny_npz, tmp_p
 
 def fake_result(d, acc, **args):
     d.mkdir(parents=True)
-    base = dict(evaluate.PROTOCOL, dataset="cifar10", labels_per_class=4, loss="base", seed=0)
+    base = dict(report.PROTOCOL, dataset="cifar10", labels_per_class=4, loss="base", seed=0)
     (d / "result.json").write_text(json.dumps({"final_acc": acc, "args": dict(base, **args)}))
 
 

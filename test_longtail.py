@@ -1,4 +1,4 @@
-"""The long-tailed protocol (README: long-tailed): class counts, the split, head / medium / tail and
+"""The long-tailed protocol (docs/long_tailed.md): class counts, the split, head / medium / tail and
 logit-adjusted accuracy, SeMi's entropy hard-example weight, and the run end to end."""
 import json
 import math
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import data
 import evaluate
 import losses
@@ -79,7 +80,7 @@ def test_infeasible_split_is_one_line(tiny_npz, tmp_path):
                                   "--labels-per-class", "2"]])
 def test_long_tailed_flags_go_together(tiny_npz, tmp_path, capsys, bad):
     with pytest.raises(SystemExit):
-        train.get_args(drop(tiny_args(tiny_npz, tmp_path / "r"), "--labels-per-class") + bad)
+        config.get_args(drop(tiny_args(tiny_npz, tmp_path / "r"), "--labels-per-class") + bad)
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "error:" in err and ("long-tailed" in err or "imb-ratio" in err)
 
@@ -128,7 +129,7 @@ def test_oheml_weight():
 
 def test_long_tailed_run_end_to_end(tiny_npz, tmp_path, monkeypatch):
     out = tmp_path / "r"
-    run = train.Run(train.get_args(lt_args(tiny_npz, out, "--imb-ratio-u", "-3")))
+    run = train.Run(config.get_args(lt_args(tiny_npz, out, "--imb-ratio-u", "-3")))
     y = run.y_train.numpy()
     assert np.bincount(y[run.labeled_idx]).tolist() == [6, 3, 2]
     assert np.bincount(y[run.unlabeled_idx]).tolist() == [3, 5, 10]  # reversed
@@ -156,7 +157,7 @@ def test_hard_weight_starts_after_5_epochs_and_only_for_the_peers(tiny_npz, tmp_
     train.main(args)
     assert calls == [0.75, 0.75]  # epochs 5 and 6 (0-based): after 5 epochs
     with pytest.raises(SystemExit):
-        train.get_args(tiny_args(tiny_npz, tmp_path / "b", "--hard-weight", "0.5"))
+        config.get_args(tiny_args(tiny_npz, tmp_path / "b", "--hard-weight", "0.5"))
     assert "applies to --loss fixmatch" in capsys.readouterr().err
 
 
@@ -164,7 +165,7 @@ def test_hard_weight_multiplies_each_masked_term():
     from test_methods import Args, make_out
     o, a = make_out(n_strong=1), Args()
     a.hard_weight = 0.75
-    loss, diag, _ = methods.fixmatch_step(o, None, a, epoch=5)
+    loss, diag, _ = methods.fixmatch_step(o, None, a, step=5)
     p = torch.softmax(o.logits_w.double(), 1)
     conf, pl = p.max(1)
     w = (conf >= a.threshold).double() * (0.75 * -(p * p.log()).sum(1) / math.log(p.shape[1]) + 0.25)

@@ -1,4 +1,4 @@
-"""losses.py against naive float64 loop references written from the README's Reconstruction notes."""
+"""losses.py against naive float64 loop references written from docs/method.md."""
 import math
 
 import pytest
@@ -363,9 +363,9 @@ def test_pseudo_label_bad_input():
         prototype_probs(torch.randn(4, 8), torch.randn(5, 7))
 
 
-# ---------------------------------------------------------------- peer methods (README: peers)
+# ---------------------------------------------------------------- peer methods (docs/peers.md)
 # References: loops over rows and pairs in float64 torch scalars (so autograd gives reference
-# gradients), written from the README's description.
+# gradients), written from docs/peers.md.
 
 from losses import (ccssl_supcon, distribution_alignment, fixmatch_mask,  # noqa: E402
                     masked_cross_entropy, simmatch_targets, soft_cross_entropy)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import config
 import evaluate
 import losses
 import methods
@@ -27,6 +28,7 @@ class Args:
     entropy_ratio, entropy_weighting, pair_weight = 0.3, "exp", "geometric"
     lambda_u, lambda_c, ccssl_temp, lambda_in = 1.0, 1.0, 0.07, 1.0
     bank_momentum, bank_temp, smoothing_alpha, da_len, hard_weight = 0.7, 0.1, 0.9, 3, 0.0
+    entropy_epochs, steps_per_epoch = 1, 1  # step 0: entropy selection on
 
 
 def make_out(n_strong=2, seed=0, logits=True, sharp=8.0) -> methods.Out:
@@ -71,7 +73,7 @@ def test_contrastive_step_wiring(monkeypatch, loss):
     monkeypatch.setattr(losses, "prototype_probs", spy_probs)
     monkeypatch.setattr(losses, "anchor_weighted_supcon", spy_loss)
     monkeypatch.setattr(losses, "pair_weighted_supcon", spy_loss)
-    methods.contrastive_step(o, model, a, entropy_on=loss == "entropy")
+    methods.contrastive_step(o, model, a)
     assert torch.equal(seen["z"], o.z_w) and seen["t"] == a.pl_temp
     q = real_probs(o.z_w, model.prototypes, a.pl_temp)
     pl, pw = losses.assign_pseudo_labels(q, a.threshold, a.entropy_ratio if loss == "entropy" else
@@ -104,7 +106,7 @@ def test_pair_weight_reaches_the_loss(monkeypatch):
     o = make_out(logits=False)
     for pw in ("geometric", "product"):
         a.pair_weight = pw
-        methods.contrastive_step(o, ProtoModel(torch.randn(K, D)), a, entropy_on=True)
+        methods.contrastive_step(o, ProtoModel(torch.randn(K, D)), a)
     assert seen == ["geometric", "product"]
 
 
@@ -149,7 +151,7 @@ def test_ccssl_step_adds_the_class_aware_term_on_both_strong_views():
 
 
 def simmatch64(o, a, bank, bank_labels, queue, epoch):
-    """SimMatch's step from the README's peer methods, written with loops in float64. Returns loss and new bank."""
+    """SimMatch's step from docs/peers.md, written with loops in float64. Returns loss and new bank."""
     p_w = torch.softmax(o.logits_w.double(), 1)
     queue = queue + [p_w.mean(0)]
     queue = queue[-a.da_len:]
@@ -194,7 +196,7 @@ def test_simmatch_step_bank_and_queue_against_loops(epoch):
         o.pos_lb = torch.tensor([0, 1, 1, 2, 3, 3])
         ref, bank_ref, queue, mask = simmatch64(o, a, state.bank.clone(), y_bank.tolist(), queue,
                                                 epoch)
-        loss, diag, _ = methods.simmatch_step(o, None, a, state=state, epoch=epoch)
+        loss, diag, _ = methods.simmatch_step(o, None, a, step=epoch, state=state)
         torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(state.bank.double(), bank_ref, rtol=1e-5, atol=1e-6)
         assert dict(zip(methods.DIAG, diag.tolist()))["confident"] == mask.sum()
@@ -269,16 +271,16 @@ def test_peer_kill_and_resume_is_bitwise_exact(tiny_npz, tmp_path, loss):
 ])
 def test_flags_of_another_method_are_errors(tiny_npz, tmp_path, capsys, loss, flag):
     with pytest.raises(SystemExit):
-        train.get_args(PEER_ARGS(tiny_npz, tmp_path / "x", loss, *flag))
+        config.get_args(PEER_ARGS(tiny_npz, tmp_path / "x", loss, *flag))
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert ": error: " in err and ("applies to" in err or "invalid choice" in err)
 
 
 def test_method_defaults_and_none_elsewhere(tiny_npz, tmp_path):
-    a = train.get_args(PEER_ARGS(tiny_npz, tmp_path / "x", "simmatch"))
+    a = config.get_args(PEER_ARGS(tiny_npz, tmp_path / "x", "simmatch"))
     assert (a.lambda_in, a.bank_momentum, a.smoothing_alpha, a.da_len) == (1.0, 0.7, 0.9, 32)
     assert a.pl_temp is None and a.lambda_c is None and a.pair_weight is None
-    a = train.get_args(tiny_args(tiny_npz, tmp_path / "y"))
+    a = config.get_args(tiny_args(tiny_npz, tmp_path / "y"))
     assert a.pair_weight == "geometric" and a.lambda_u is None
 
 
@@ -322,7 +324,7 @@ def forbid_host_sync(monkeypatch):
 def test_method_steps_read_nothing_back_to_the_host(tiny_npz, tmp_path, monkeypatch, loss):
     args = (tiny_args(tiny_npz, tmp_path / "r", "--loss", loss) if loss == "entropy"
             else PEER_ARGS(tiny_npz, tmp_path / "r", loss))
-    run = train.Run(train.get_args(args))
+    run = train.Run(config.get_args(args))
     real = run.step_fn
     calls = []
 

@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+import logs
+import config
 import methods
+import report
 import train
 from conftest import tiny_args
 from test_methods import make_out, K, U, Args, ProtoModel
@@ -36,11 +39,11 @@ def test_per_class_counters_sum_to_the_global_counters(step):
     a = Args()
     if step == "contrastive":
         model = ProtoModel(torch.cat([o.z_w[:3] * 5, torch.randn(K - 3, o.z_w.shape[1])]))
-        _, diag, conf = methods.contrastive_step(o, model, a, entropy_on=True)
+        _, diag, conf = methods.contrastive_step(o, model, a)
     else:
         _, diag, conf = methods.fixmatch_step(o, None, a)
     d = dict(zip(methods.DIAG, diag.tolist()))
-    pc = train.per_class_pl(conf)
+    pc = logs.per_class_pl(conf)
     assert sum(pc["assigned_confident"]) == d["confident"] > 0
     assert sum(pc["assigned_selected"]) == d["entropy_selected"]
     assert sum(pc["correct_confident"]) == d["correct_confident"]
@@ -103,15 +106,15 @@ def test_tensorboard_after_kill_and_resume_has_no_step_twice(tiny_npz, tmp_path)
 
 
 def test_tensorboard_missing_is_one_line(tiny_npz, tmp_path, monkeypatch, capsys):
-    real = train.importlib.import_module
+    real = config.importlib.import_module
 
     def no_tb(name, *a):
         if "tensorboard" in name:
             raise ImportError(name)
         return real(name, *a)
-    monkeypatch.setattr(train.importlib, "import_module", no_tb)
+    monkeypatch.setattr(config.importlib, "import_module", no_tb)
     with pytest.raises(SystemExit):
-        train.get_args(tiny_args(tiny_npz, tmp_path / "r", "--tensorboard"))
+        config.get_args(tiny_args(tiny_npz, tmp_path / "r", "--tensorboard"))
     assert "pip install tensorboard" in capsys.readouterr().err
 
 
@@ -158,12 +161,11 @@ def test_plot_confusion_and_per_class(three_runs, tmp_path, capsys):
 
 
 def test_precision_recall_by_hand():
-    import evaluate
     pl = np.zeros((3, 2, 2))
     pl[0] = [[3, 1], [0, 2]]  # confident: 3 right of class 0, 1 class-0 image called 1, 2 right 1
     pl[1] = [[0, 0], [2, 0]]  # selected: 2 class-1 images called 0
     pl[2] = [[4, 0], [0, 5]]  # unconfident: seen, not given a label
-    prec, rec = evaluate.pl_precision_recall(pl)
+    prec, rec = report.pl_precision_recall(pl)
     assert prec == pytest.approx([3 / 5, 2 / 3]) and rec == pytest.approx([3 / 8, 2 / 9])
 
 

@@ -1,4 +1,4 @@
-"""Active learning (README: active learning): train.py --labeled-idx, query.py's scores,
+"""Active learning (docs/active_learning.md): train.py --labeled-idx, query.py's scores,
 selection, k-means and TypiClust, index mapping through a real query, and al.sh end to end."""
 import hashlib
 import json
@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import data
 import evaluate
 import query
+import report
 import train
 from conftest import drop, tiny_args
 from model import Encoder
@@ -371,7 +373,7 @@ def test_round_trip_query_then_train_with_labeled_idx(tiny_npz, tmp_path):
     assert res["args"]["labeled_idx_sha256"] == sha(tmp_path / "a.txt")
     state = torch.load(tmp_path / "r1" / "last.pt", weights_only=True)
     assert state["labeled_idx"].tolist() == [int(v) for v in outs[0].split()]
-    table = evaluate.table1(str(tmp_path))
+    table = report.table1(str(tmp_path))
     assert "| --labeled-idx | entropy |" in table and "sha256" not in table
 
 
@@ -405,10 +407,10 @@ def test_bad_labeled_idx_files_are_one_line_errors(tiny_npz, tmp_path, capsys, c
 def test_labeled_idx_npy_comments_and_flag_conflicts(tiny_npz, tmp_path, capsys):
     np.save(tmp_path / "i.npy", np.array([[1, 2]]))
     with pytest.raises(SystemExit):
-        train.get_args(lidx_args(tiny_npz, tmp_path / "run", tmp_path / "i.npy"))
+        config.get_args(lidx_args(tiny_npz, tmp_path / "run", tmp_path / "i.npy"))
     assert "1-D integer array" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        train.get_args(tiny_args(tiny_npz, tmp_path / "run", "--labeled-idx", str(tmp_path / "i.npy")))
+        config.get_args(tiny_args(tiny_npz, tmp_path / "run", "--labeled-idx", str(tmp_path / "i.npy")))
     assert "do not combine it with --labels-per-class" in capsys.readouterr().err
     np.save(tmp_path / "i.npy", np.array([5, 1, 3]))
     (tmp_path / "i.txt").write_text("# chosen by hand\n5\n 1 \n\n3  # a comment\n")
@@ -511,7 +513,7 @@ def test_al_table_means_and_area_under_the_curve(tmp_path):
         put(tmp_path / f"s{seed}" / "random" / "r1", 20, 0.4 + off)
         put(tmp_path / f"s{seed}" / "random" / "r2", 40, 0.5 + off)
     put(tmp_path / "s0" / "typical" / "r1", 20, 0.6)
-    md, csv = evaluate.al_table(str(tmp_path))
+    md, csv = report.al_table(str(tmp_path))
     # seed 0: (10*(20+40)/2 + 20*(40+50)/2) / 30 = 40; seed 1: 50
     assert "| random | 25.00 ± 7.07 (2 seeds) | 45.00 ± 7.07 (2 seeds) | 55.00 ± 7.07 (2 seeds) | " \
            "45.00 ± 7.07 (2 seeds) |" in md
@@ -523,15 +525,15 @@ def test_al_table_with_round_0_only(tmp_path):
     os.makedirs(tmp_path / "s0" / "r0")
     with open(tmp_path / "s0" / "r0" / "result.json", "w") as fh:
         json.dump({"final_acc": 0.3, "labeled_counts": [5, 5]}, fh)
-    md, _ = evaluate.al_table(str(tmp_path))
+    md, _ = report.al_table(str(tmp_path))
     assert "round 0 (10 labels)" in md and "30.00 (1 seed)" in md
 
 
 def test_al_table_of_nothing_is_an_error_and_no_round_0_means_no_area(tmp_path):
     with pytest.raises(ValueError, match="no al.sh results under"):
-        evaluate.al_table(str(tmp_path))
+        report.al_table(str(tmp_path))
     os.makedirs(tmp_path / "s0" / "random" / "r1")
     with open(tmp_path / "s0" / "random" / "r1" / "result.json", "w") as fh:
         json.dump({"final_acc": 0.3, "labeled_counts": [5, 5]}, fh)
-    md, _ = evaluate.al_table(str(tmp_path))
+    md, _ = report.al_table(str(tmp_path))
     assert md.splitlines()[2].endswith("| not run |")  # the area needs round 0

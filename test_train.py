@@ -8,7 +8,9 @@ import sys
 import pytest
 import torch
 
+import config
 import evaluate
+import report
 import train
 from conftest import tiny_args
 
@@ -74,7 +76,7 @@ def test_unlabeled_stream_covers_the_whole_training_set_labeled_images_included(
                                                                                monkeypatch):
     """The unlabeled set is the whole training set (FixMatch, [G]): the images the step draws as
     unlabeled, over one pass, are every training index exactly once."""
-    run = train.Run(train.get_args(tiny_args(tiny_npz, tmp_path / "r")))
+    run = train.Run(config.get_args(tiny_args(tiny_npz, tmp_path / "r")))
     seen = []
     real = run.sampler_ulb.next
     monkeypatch.setattr(run.sampler_ulb, "next", lambda: seen.append(real()) or seen[-1])
@@ -112,7 +114,7 @@ def test_evaluate_cli_and_table(tiny_npz, tmp_path):
     # a CIFAR-looking result.json to fill one Table 1 cell; the rest must say "not run"
     fake = tmp_path / "results" / "cifar10_4_base_s0"
     fake.mkdir()
-    cell = dict(evaluate.PROTOCOL, dataset="cifar10", labels_per_class=4, loss="base")
+    cell = dict(report.PROTOCOL, dataset="cifar10", labels_per_class=4, loss="base")
     (fake / "result.json").write_text(json.dumps({"final_acc": 0.9, "args": dict(cell, seed=0)}))
     fake2 = tmp_path / "results" / "cifar10_4_base_s1"
     fake2.mkdir()
@@ -172,7 +174,7 @@ fi
 
 def test_run_all_with_a_space_in_out_dir_and_methods(tmp_path):
     fake = tmp_path / "fake python"
-    protocol = json.dumps(evaluate.PROTOCOL)[1:-1]
+    protocol = json.dumps(report.PROTOCOL)[1:-1]
     fake.write_text(FAKE_PYTHON.replace("PROTOCOL", protocol.replace('"', '\\"')))
     fake.chmod(0o755)
     out = tmp_path / "my results"

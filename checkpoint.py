@@ -1,0 +1,240 @@
+"""What must survive a crash: atomic writes, checkpoints, the resume rules, the non-finite guard.
+
+Every file the project writes goes through `atomic_write` (a temporary file in the same folder,
+fsync, then one rename), so a reader never sees half a file and a kill -9 leaves either the old
+file or the new one. A run directory keeps two checkpoints, last.pt and prev.pt (the one before);
+a torn or corrupt last.pt falls back to prev.pt. See docs/reliability.md.
+"""
+import os
+import sys
+from typing import IO, Callable
+
+import torch
+
+CKPT_NAMES = ("last.pt", "prev.pt")  # newest first; prev.pt is the one before last.pt
+# a checkpoint is resumed only if these match (the rest, e.g. --device or --log-every, may change)
+CONFIG_KEYS = ("dataset", "labels_per_class", "loss", "seed", "arch", "epochs", "steps_per_epoch",
+               "batch_size", "mu", "lr", "wd", "threshold", "pl_temp", "temp", "low_weight",
+               "entropy_ratio", "entropy_weighting", "entropy_epochs", "ema_decay",
+               "bn_momentum", "channels_last", "wrn_variant", "pair_weight", "lambda_u", "lambda_c",
+               "ccssl_temp", "lambda_in", "bank_momentum", "bank_temp", "smoothing_alpha",
+               "da_len", "lt_labeled", "lt_unlabeled", "imb_ratio_l", "imb_ratio_u", "hard_weight",
+               "labeled_idx_sha256")
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def fail(msg: str, prog: str = "train.py") -> None:
+    sys.exit(f"{prog}: error: {msg}")
+
+
+# ---------------------------------------------------------------- atomic writes
+
+def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """write(fh) into PATH.tmp-PID in PATH's folder, fsync, rename over PATH. On any failure the
+    temporary file is removed and PATH is untouched."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_text(path: str, text: str, echo: bool = False) -> None:
+    """A text file, written atomically; printed too with echo."""
+    atomic_write(path, lambda fh: fh.write(text.encode()))
+    if echo:
+        print(text)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename inside PATH durable (the directory entry itself)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def read_checkpoint(path: str) -> tuple[dict, str]:
+    """Load OUT/last.pt (falling back to OUT/prev.pt if last.pt is unreadable) or a given file,
+    with weights_only=True so that a checkpoint cannot run code. Returns (state, file)."""
+    files = [os.path.join(path, n) for n in CKPT_NAMES] if os.path.isdir(path) else [path]
+    files = [f for f in files if os.path.exists(f)]
+    if not files:
+        raise CheckpointError(f"no checkpoint found at {path}")
+    for f in files:
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True), f
+        except Exception:  # noqa: BLE001 - truncated, corrupt or unsafe: all the same to us
+            if len(files) > 1 and f != files[-1]:
+                print(f"warning: checkpoint {f} is unreadable (truncated or corrupt); "
+                      f"falling back to {files[files.index(f) + 1]}", file=sys.stderr)
+    names = " and ".join(files)
+    raise CheckpointError(f"no readable checkpoint: {names} {'are' if len(files) > 1 else 'is'} "
+                          f"truncated, corrupt or not a plain-tensor checkpoint; delete "
+                          f"{'them' if len(files) > 1 else 'it'} to start the run over")
+
+
+def kept(out: str) -> str:
+    """What a failing run leaves behind, said truthfully."""
+    if os.path.exists(os.path.join(out, "last.pt")):
+        return f"the last good checkpoint in {out} is kept"
+    return f"no checkpoint had been written yet in {out}"
+
+
+def save_checkpoint(out: str, state: dict) -> None:
+    """Atomic: write last.pt.tmp, fsync, keep the old last.pt as prev.pt, rename."""
+    path, tmp, prev = (os.path.join(out, n) for n in ("last.pt", "last.pt.tmp", "prev.pt"))
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if os.path.exists(path):
+            os.replace(path, prev)
+        os.replace(tmp, path)
+        fsync_dir(out)
+    except Exception as e:  # noqa: BLE001 - torch.save reports a full disk as RuntimeError
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0][:120]
+        fail(f"could not write checkpoint {path}: {reason} (disk full or not writable?); "
+             f"{kept(out).replace('last good', 'previous')}. Free space and run the same "
+             f"command again to resume")
+
+
+def load_checkpoint(out: str) -> tuple[dict | None, str | None]:
+    """The newest readable checkpoint of OUT, or (None, None) for a fresh run. A corrupt last.pt
+    is moved aside to last.pt.corrupt when prev.pt is used instead, so that the next save cannot
+    rotate the unreadable file over the only good backup."""
+    try:
+        state, f = read_checkpoint(out)
+    except CheckpointError as e:
+        if any(os.path.exists(os.path.join(out, n)) for n in CKPT_NAMES):
+            fail(str(e))
+        return None, None
+    last = os.path.join(out, "last.pt")
+    if f.endswith("prev.pt") and os.path.exists(last):
+        os.replace(last, last + ".corrupt")
+        print(f"moved the unreadable {last} aside to last.pt.corrupt; resuming from {f}",
+              file=sys.stderr)
+    return state, f
+
+
+def load_checkpoint_all_ranks(out: str, rank: int, world: int) -> tuple[dict | None, str | None]:
+    """Rank 0 reads (and may move a corrupt last.pt aside) first; the other ranks then read the
+    same file, so every rank resumes from the same state."""
+    if world == 1:
+        return load_checkpoint(out)
+    import torch.distributed as dist
+    if rank == 0:
+        found = load_checkpoint(out)
+    dist.barrier()
+    if rank != 0:
+        found = load_checkpoint(out)
+    return found
+
+
+# ---------------------------------------------------------------- resume rules
+
+def check_resumable(s: dict, args, dev: torch.device, amp_dtype, world: int) -> None:
+    """The checkpoint's configuration (CONFIG_KEYS) must match the command's. What can change on
+    resume: the device index, bf16 autocast on/off. What cannot: the device type (CPU and CUDA
+    generators have different states) and fp16, whose GradScaler state (the loss scale) has no
+    counterpart in a bf16 or fp32 run and vice versa; nor the number of processes."""
+    diffs = [f"{k}: checkpoint {s['args'].get(k)!r}, now {getattr(args, k)!r}"
+             for k in CONFIG_KEYS if s["args"].get(k) != getattr(args, k)]
+    if diffs:
+        fail(f"{args.out} holds a run with a different configuration ({'; '.join(diffs)}); "
+             "use another --out or the original arguments")
+    if s.get("world_size", 1) != world:
+        fail(f"{args.out} was trained with {s.get('world_size', 1)} process(es) and cannot "
+             f"resume with {world}: the global batch is split differently; resume with "
+             f"torchrun --nproc_per_node={s.get('world_size', 1)}, or start a new --out")
+    was = s.get("device_type", "cpu")
+    if was != dev.type:
+        fail(f"{args.out} was trained on {was} and cannot resume on {dev.type} (the "
+             f"random generators' states differ between device types); resume with "
+             f"--device {was}, or start a new run with another --out")
+    fp16_then, fp16_now = s.get("amp_dtype") == str(torch.float16), amp_dtype == torch.float16
+    if fp16_then != fp16_now:
+        fail(f"{args.out} was trained with amp {s.get('amp_dtype')} and now it would be "
+             f"{amp_dtype}: fp16 runs keep a GradScaler state that other precisions do "
+             f"not have; resume on the same kind of GPU, or start a new run with another --out")
+
+
+# ---------------------------------------------------------------- the non-finite guard
+
+class NonFiniteGuard:
+    """Counts non-finite losses on the device, without a host sync per step; `check` (at logging
+    and saving time) stops the run before a poisoned state is saved. With --skip-nonfinite N the
+    step itself syncs and skips up to N bad steps instead."""
+
+    def __init__(self, dev: torch.device, skip_max: int, out: str):
+        self.count = torch.zeros(2, device=dev)  # [count, first bad step + 1]
+        self.bad_loss = torch.zeros((), device=dev)
+        self.skip_max, self.out, self.skipped = skip_max, out, 0
+
+    def skip(self, loss: torch.Tensor, step: int) -> bool:
+        """True when this step's loss is not finite and should be skipped (opt-in host sync)."""
+        bad = ~torch.isfinite(loss)
+        if self.skip_max and bool(bad):
+            self.skipped += 1
+            print(f"step {step + 1}: non-finite loss {loss.item()}, step skipped "
+                  f"({self.skipped} of at most {self.skip_max})", flush=True)
+            if self.skipped > self.skip_max:
+                fail(f"more than --skip-nonfinite={self.skip_max} non-finite losses; last at "
+                     f"step {step + 1}; {kept(self.out)}")
+            return True
+        first = (self.count[0] == 0) & bad
+        self.bad_loss = torch.where(first, loss.detach(), self.bad_loss)
+        self.count += torch.stack([bad.to(self.count.dtype),
+                                   first.to(self.count.dtype) * (step + 1)])
+        return False
+
+    def check(self) -> None:
+        count, first = self.count.tolist()
+        if count:
+            fail(f"non-finite loss at step {int(first)} (loss = {self.bad_loss.item()}, "
+                 f"{int(count)} non-finite step(s) since); stopped without saving, "
+                 f"{kept(self.out)}. Lower --lr, try --no-amp, or pass --skip-nonfinite N to skip "
+                 f"such steps")
+
+
+# ---------------------------------------------------------------- the output folder
+
+def first_missing(path: str) -> str | None:
+    """The outermost folder of path that does not exist yet (None if path exists)."""
+    path, top = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, top = os.path.dirname(path), path
+    return top
+
+
+def remove_if_empty(out: str, top: str | None) -> None:
+    """A run that failed before its first step leaves no empty --out behind, nor the empty
+    parent folders (e.g. runs/) that creating it made (top: the outermost one it created)."""
+    path = os.path.abspath(out)
+    while top and path.startswith(top):
+        try:
+            os.rmdir(path)  # only if empty
+        except OSError:
+            return
+        if path == top:
+            return
+        path = os.path.dirname(path)

@@ -69,7 +69,9 @@ def make_parser() -> argparse.ArgumentParser:
     a("--entropy-ratio", type=float, default=None,
       help="beta of Eq. (11); default: the paper's value for CIFAR (required otherwise)")
     a("--entropy-weighting", choices=list(losses.WEIGHTINGS), default="exp",
-      help="weight of entropy-selected samples: exp(-kH) (Eqs. 13-14) or linear")
+      help="weight of entropy-selected samples: exp(-kH) (Eqs. 13-14) or linear; unique-exp: "
+           "the other reading, selected samples weight 1 and the remaining unique-label "
+           "samples exp(-kH) (lambda at H_th, less above)")
     a("--entropy-epochs", type=int, default=None,
       help="epochs with entropy selection active; default 78.125%% of --epochs (200 of 256)")
     # ---------------------------------------------------------------- peer methods (docs/peers.md)

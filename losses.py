@@ -29,7 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-WEIGHTINGS = ("exp", "linear")
+WEIGHTINGS = ("exp", "linear", "unique-exp")
 _SELF_FILL = -1e9  # finite stand-in for -inf on the diagonal: exp() underflows to 0, no 0*inf NaN in backward
 
 
@@ -111,6 +111,10 @@ def assign_pseudo_labels(probs: torch.Tensor, threshold: float = 0.95,
       weighting="linear" 1 - (1 - lambda) H_b/H_th                                  (Eqs. 10-14)
     - else: the unique label K + b (shared by the sample's two strong views), weight lambda.
 
+    weighting="unique-exp" is the other reading of Eqs. (12)-(14) (docs/method.md): an
+    entropy-selected sample gets weight 1, like a confident one (Eq. 12), and the remaining
+    unique-label samples get exp(-k H_b), the same k, i.e. lambda at H_th and less above it.
+
     entropy_ratio=None is the baseline rule of [G]. Returns (LongTensor[U], float32 Tensor[U]).
     """
     _check_probs(probs, validate)
@@ -137,6 +141,10 @@ def assign_pseudo_labels(probs: torch.Tensor, threshold: float = 0.95,
         h = entropy(p, validate=False)
         h_th = entropy_ratio * math.log(k)
         selected = ~confident & (h < h_th)
+        k_h = math.log(1.0 / low_weight) / h_th
+        if weighting == "unique-exp":  # Eq. (12): selected -> 1; Eqs. (13)-(14): the rest decay
+            w_unique = torch.where(confident, 1.0, torch.exp(-k_h * h))
+            return torch.where(selected, pred, labels), torch.where(selected, 1.0, w_unique)
         if weighting == "exp":
             w_ent = torch.exp(-(math.log(1.0 / low_weight) / h_th) * h)
         else:

@@ -1,11 +1,13 @@
 """bench.py runs end to end, writes every measurement it promises, and derives each ratio from
-its own timings (no speed is asserted: the machine is shared)."""
+its own timings: with bench.timeit replaced by fixed times, every figure is the one those times give
+(no real speed is asserted: the machine is shared)."""
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -34,14 +36,34 @@ def test_bench_json_structure(bench):
     assert "ratio" in stdout and "steps/s" in stdout
 
 
-def test_bench_ratios_come_from_its_own_timings(bench):
-    r, _ = bench
-    a = r["augmentation"]
-    assert a["ratio"] == pytest.approx(a["ours_strong_img_s"] / a["pil_strong_img_s"], rel=1e-9)
-    for l in r["loss"]:
-        assert l["pair_vs_plain"] == pytest.approx(l["pair_weighted_ms"] / l["plain_supcon_ms"])
-    for t in r["train"]:
-        assert t["steps_s"] == pytest.approx(1e3 / t["step_ms"])
-        assert t["images_s"] == pytest.approx(t["images"] * t["steps_s"])
-        assert t["data_share"] == pytest.approx(t["batch_ms"] / t["step_ms"])
-        assert t["hours_262144_steps"] == pytest.approx(262144 / t["steps_s"] / 3600)
+def fake_timings(monkeypatch, seconds):
+    """bench.timeit returns the given times in call order (without running anything)."""
+    import bench
+    left = list(seconds)
+    monkeypatch.setattr(bench, "timeit", lambda fn, dev, repeat, warmup=1: left.pop(0))
+    return bench, left
+
+
+def test_augmentation_ratio_is_pil_time_over_ours_from_the_fastest_rounds(monkeypatch):
+    # rounds of (ours strong, ours weak, PIL): the fastest of each is kept, the ratio is PIL / ours
+    bench, left = fake_timings(monkeypatch, [0.2, 0.05, 1.0, 0.1, 0.04, 3.0, 0.4, 0.08, 2.0])
+    a = bench.bench_augmentation(torch.device("cpu"), 8, 3)
+    assert not left
+    assert a["ours_strong_img_s"] == pytest.approx(8 / 0.1)
+    assert a["ours_weak_img_s"] == pytest.approx(8 / 0.04)
+    assert a["pil_strong_img_s"] == pytest.approx(8 / 1.0)
+    assert a["ratio"] == pytest.approx(1.0 / 0.1), "ratio is not min(PIL time) / min(our time)"
+    assert a["ratio_median_round"] == pytest.approx(5.0)  # median of 5, 30, 5
+
+
+def test_loss_and_train_figures_come_from_their_own_timings(monkeypatch, tmp_path):
+    bench, left = fake_timings(monkeypatch, [0.004, 0.010, 0.006])
+    r = bench.bench_loss(torch.device("cpu"), 10, 1)
+    assert (r["plain_supcon_ms"], r["pair_weighted_ms"], r["anchor_weighted_ms"]) == \
+        pytest.approx((4.0, 10.0, 6.0)) and r["pair_vs_plain"] == pytest.approx(2.5)
+    bench, left = fake_timings(monkeypatch, [0.5, 0.1])  # one step, then one batch
+    t = bench.bench_train(torch.device("cpu"), 10, 1, "wrn-10-1", False, str(tmp_path), "fixmatch")
+    assert not left and t["images"] == 64 + 2 * 448
+    assert (t["step_ms"], t["steps_s"], t["batch_ms"]) == pytest.approx((500.0, 2.0, 100.0))
+    assert t["images_s"] == pytest.approx(2 * t["images"]) and t["data_share"] == pytest.approx(0.2)
+    assert t["hours_262144_steps"] == pytest.approx(262144 * 0.5 / 3600)

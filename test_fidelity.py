@@ -10,10 +10,33 @@ from conftest import tiny_args
 from model import Encoder
 
 
-def test_defaults_match_g_final_configuration(tiny_npz, tmp_path):
-    a = config.get_args(tiny_args(tiny_npz, tmp_path / "r"))
-    assert a.pl_temp == 0.08  # [G] configD0-D3: pl_temp 0.04 on (cos + 1) / 2
-    assert a.wrn_variant == "usb" and a.temp == 0.1 and a.low_weight == 0.2
+def _first_step(args):
+    run = train.Run(config.get_args(args))
+    grads = {}
+    real = run.opt.step
+    run.opt.step = lambda *a, **k: grads.update(
+        {n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None}) or real()
+    run.train_step()
+    return run, run.stats[0].item(), grads
+
+
+def test_defaults_train_as_g_final_configuration(tiny_npz, tmp_path):
+    """The defaults train exactly as [G]'s final configuration given explicitly (T_pl 0.08 on the
+    cosine = configD's 0.04 on (cos + 1) / 2, T 0.1, lambda 0.2, USB's WRN): the same first step,
+    bit for bit, while another T_pl, T or lambda changes it; and the default network is [G]'s
+    (stem bias, 1,466,336 backbone parameters for WRN-28-2)."""
+    mix = ["--threshold", "0.6", "--entropy-ratio", "0.9"]  # pseudo-labels of every kind at init
+    run, loss, grads = _first_step(tiny_args(tiny_npz, tmp_path / "d", *mix))
+    g_final = ["--pl-temp", "0.08", "--temp", "0.1", "--low-weight", "0.2", "--wrn-variant", "usb"]
+    _, loss_g, grads_g = _first_step(tiny_args(tiny_npz, tmp_path / "g", *mix, *g_final))
+    assert loss == loss_g and all(torch.equal(grads[n], grads_g[n]) for n in grads), \
+        "the defaults do not train as [G]'s final configuration"
+    for flag, value in (("--pl-temp", "0.1"), ("--temp", "0.12"), ("--low-weight", "0.3")):
+        _, other, _ = _first_step(tiny_args(tiny_npz, tmp_path / flag, *mix, flag, value))
+        assert other != loss, f"{flag} {value} trains like the default: the check cannot fail"
+    assert run.model.backbone.stem.bias is not None
+    from model import count_params
+    assert count_params(Encoder(10, "wrn-28-2").backbone) == 1_466_336
 
 
 class AutocastSpy(torch.nn.Module):

@@ -5,6 +5,7 @@ import math
 import os
 import shlex
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -177,7 +178,7 @@ def test_hard_weight_multiplies_each_masked_term():
 
 def test_run_lt_dry_run_lists_every_setting_and_method(tmp_path):
     env = dict(os.environ, DRY_RUN="1", OUT_DIR=str(tmp_path / "my lt"), METHODS="entropy fixmatch",
-               HARD_WEIGHT="0.75", SEEDS="0 1")
+               HARD_WEIGHT="0.75", SEEDS="0 1", PYTHON=sys.executable)
     p = subprocess.run(["bash", os.path.join(HERE, "run_lt.sh")], capture_output=True, text=True,
                        env=env)
     assert p.returncode == 0, p.stderr

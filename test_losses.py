@@ -44,8 +44,12 @@ def ref_assign(p, tau, beta, lam, weighting):
             labels.append(pred)
             if weighting == "exp":
                 weights.append(math.exp(-math.log(1 / lam) / h_th * h))
+            elif weighting == "unique-exp":  # the other reading: selected like confident
+                weights.append(1.0)
             else:
                 weights.append(1 - (1 - lam) * h / h_th)
+        elif beta is not None and weighting == "unique-exp":  # the rest decay past lambda
+            labels.append(k + j); weights.append(math.exp(-math.log(1 / lam) / (beta * math.log(k)) * h))
         else:
             labels.append(k + j); weights.append(lam)
     return labels, weights
@@ -133,7 +137,7 @@ def test_entropy_matches_reference(k):
 
 @pytest.mark.parametrize("k", [10, 100])
 @pytest.mark.parametrize("beta", [None, 0.2, 0.4])
-@pytest.mark.parametrize("weighting", ["exp", "linear"])
+@pytest.mark.parametrize("weighting", ["exp", "linear", "unique-exp"])
 def test_assign_pseudo_labels_matches_reference(k, beta, weighting):
     g = torch.Generator().manual_seed(k + int(10 * (beta or 0)))
     # a spread of sharpness so that confident, entropy-selected and unconfident rows all occur
@@ -145,7 +149,8 @@ def test_assign_pseudo_labels_matches_reference(k, beta, weighting):
     assert labels.tolist() == ref_l
     torch.testing.assert_close(weights.double(), torch.tensor(ref_w, dtype=torch.float64),
                                atol=1e-5, rtol=1e-5)
-    kinds = {("conf" if w == 1 else "uniq" if l >= k else "ent") for l, w in zip(ref_l, ref_w)}
+    kinds = {("uniq" if l >= k else "conf" if p[i].max() >= 0.95 else "ent")
+             for i, (l, w) in enumerate(zip(ref_l, ref_w))}
     assert {"conf", "uniq"} <= kinds and (beta is None or "ent" in kinds)
 
 
@@ -168,6 +173,43 @@ def test_entropy_weight_endpoints():
                                     weighting=weighting)
         assert w[0].item() == pytest.approx(lam, abs=1e-4)
         assert w[1].item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_unique_exp_weights_selected_one_and_the_rest_lambda_at_h_th_and_below():
+    """The other reading of Eqs. (12)-(14): entropy-selected weight exactly 1; an unselected
+    sample weighs lambda at H = H_th, less above, lambda^(1/beta) when uniform; [G]'s rule
+    (no beta) and the confident samples are unchanged."""
+    lam, k = 0.2, 4
+    uniform = torch.full((1, k), 1.0 / k)
+    sel = torch.tensor([[0.8, 0.2, 0.0, 0.0]])  # H = 0.500 < H_th = 0.5 log 4 = 0.693
+    between = torch.tensor([[0.5, 0.3, 0.2, 0.0]])  # H = 1.03: above H_th, below log 4
+    conf = torch.tensor([[0.97, 0.01, 0.01, 0.01]])
+    p = torch.cat([sel, between, uniform, conf])
+    labels, w = assign_pseudo_labels(p, 0.95, 0.5, lam, "unique-exp")
+    assert labels.tolist() == [0, k + 1, k + 2, 0]
+    assert w[0].item() == 1.0 and w[3].item() == 1.0
+    h_th = 0.5 * math.log(k)
+    h_b = -sum(v * math.log(v) for v in between[0].tolist() if v > 0)
+    assert w[1].item() == pytest.approx(lam ** (h_b / h_th), rel=1e-5) and w[1] < lam
+    assert w[2].item() == pytest.approx(lam ** (1 / 0.5), rel=1e-5)  # uniform: lambda^(1/beta)
+    labels_g, w_g = assign_pseudo_labels(p, 0.95, None, lam, "unique-exp")
+    assert w_g.tolist() == pytest.approx([lam, lam, lam, 1.0])
+    # beta = 1: only the uniform row reaches H_th = log K, where the weight is lambda
+    _, w1 = assign_pseudo_labels(uniform, 0.95, 1.0, lam, "unique-exp")
+    assert w1.item() == pytest.approx(lam, rel=1e-5)
+
+
+def test_unique_exp_makes_eq8_eq6_within_each_class():
+    """With every same-label row at equal weight, sqrt(w_i w_p) = w_i: Eq. (8) and Eq. (6) then
+    differ only in their normaliser (docs/method.md), which here is the same: equal losses."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(24, 10, generator=g) * torch.linspace(0.5, 20, 24)[:, None], 1)
+    pl, pw = assign_pseudo_labels(p, 0.95, 0.4, 0.2, "unique-exp")
+    assert ((pl < 10) & (pw == 1)).sum() > 0 and ((pl >= 10) & (pw < 0.2)).sum() > 0
+    f, y, w = contrastive_batch(torch.randn(10, 8, generator=g), torch.randn(6, 8, generator=g),
+                                torch.arange(6) % 10, torch.randn(24, 8, generator=g),
+                                torch.randn(24, 8, generator=g), pl, pw)
+    torch.testing.assert_close(pair_weighted_supcon(f, y, w), anchor_weighted_supcon(f, y, w))
 
 
 def test_baseline_never_selects_by_entropy_and_labels_are_unique():

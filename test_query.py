@@ -6,6 +6,7 @@ import math
 import os
 import shlex
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -249,6 +250,56 @@ def test_query_picks_the_expected_indices(index_run, tmp_path, strategy):
     assert [int(r[1]) for r in rows] == expected and [int(r[0]) for r in rows] == list(range(1, 13))
 
 
+class TableModel(IndexModel):
+    """Scores of three classes drawn per dataset index from a fixed table, so that entropy,
+    margin and least-confidence rank the pool differently, and differently again without T_pl."""
+    TABLE = torch.from_numpy(np.random.default_rng(10).normal(0, 1.0, (300, 3)))
+
+    def scores_and_features(self, x):
+        _, z, _ = super().scores_and_features(x)
+        u8 = torch.round(x[:, :, 0, 0] * 255)
+        i = (u8[:, 0] * 256 + u8[:, 1]).long()
+        return self.TABLE[i].float(), z, z
+
+
+def _expected_top(pool, strategy, t, n=12):
+    """The n most uncertain of the pool by loops in float64 over softmax(s / t); ties by index."""
+    def score(i):
+        s = [v / t for v in TableModel.TABLE[i].float().double().tolist()]
+        e = [math.exp(v - max(s)) for v in s]
+        p = sorted((v / sum(e) for v in e), reverse=True)
+        return {"entropy": -naive_entropy(p), "margin": p[0] - p[1], "least-confident": p[0]}[strategy]
+    return sorted(pool, key=lambda i: (score(i), i))[:n]
+
+
+@pytest.mark.parametrize("loss", ["base", "fixmatch"])
+def test_uncertainty_strategies_rank_differently_and_use_t_pl(index_run, tmp_path, monkeypatch,
+                                                              loss):
+    """The method's own probabilities: softmax(cos / T_pl) for prototype runs (T_pl 0.5 in the
+    fake run), softmax(logits) for the peers; a query that forgets T_pl, or computes one strategy
+    with another's score, picks other images."""
+    run, labeled, unlabeled = index_run
+    if loss == "fixmatch":
+        state = torch.load(os.path.join(run, "last.pt"), weights_only=False)
+        state["args"]["loss"] = "fixmatch"
+        state["ema"] = {"classifier.weight": torch.zeros(3, 2)}  # how a peer run is recognised
+        torch.save(state, os.path.join(run, "last.pt"))
+    monkeypatch.setattr(query, "load_run_model", lambda state, k, dev: TableModel())
+    pool = sorted(set(unlabeled.tolist()) - set(labeled.tolist()))
+    t = 0.5 if loss == "base" else 1.0
+    want = {s: _expected_top(pool, s, t) for s in ("entropy", "margin", "least-confident")}
+    other_t = {s: _expected_top(pool, s, 1.0 if t != 1.0 else 0.5) for s in want}
+    assert len({tuple(sorted(v)) for v in want.values()}) == 3, "test model: rankings agree"
+    assert all(set(want[s]) != set(other_t[s]) for s in want), "test model: T does not matter"
+    for strategy, expected in want.items():
+        got = run_query(run, tmp_path / f"{strategy}.txt", "--n", "12", "--strategy", strategy)
+        new = sorted(set(got.tolist()) - set(labeled.tolist()))
+        assert new == sorted(expected), (
+            f"{strategy} ({loss}) picked other images than softmax(scores / {t}) ranks first"
+            + ((" (the ones without T_pl)" if loss == "base" else " (T_pl applied to logits)")
+               if new == sorted(other_t[strategy]) else ""))
+
+
 def test_query_files_are_deterministic_and_never_use_the_labels(index_run, tmp_path):
     run, labeled, _ = index_run
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
@@ -452,6 +503,7 @@ def al_env(tiny_npz, out, **more):
                  "--entropy-ratio")
     return {**os.environ, "OUT_DIR": str(out), "DATASET": f"npz:{tiny_npz}",
             "EXTRA_ARGS": shlex.join(extra), "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1",
+            "PYTHON": sys.executable,  # the interpreter the tests run under, not python from PATH
             **AL_ENV, **more}
 
 
@@ -462,7 +514,7 @@ def test_al_dry_run_prints_every_round(tiny_npz, tmp_path):
     assert sum("train.py" in ln for ln in lines) == 2 * (1 + 2 * 2)
     assert sum("query.py" in ln for ln in lines) == 2 * 2 * 2
     assert "--labeled-idx" in lines[2] and "s0/random/r1.txt" in lines[2]
-    assert "evaluate.py --al-table" in lines[-1] and lines[-1].startswith("python ")
+    assert "evaluate.py --al-table" in lines[-1] and shlex.split(lines[-1])[0] == sys.executable
     assert not (tmp_path / "al").exists()
 
 

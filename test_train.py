@@ -134,7 +134,7 @@ def test_evaluate_missing_checkpoint_is_a_clear_error(tmp_path):
 
 def test_run_all_dry_run_lists_the_8_cells(tmp_path):
     env = dict(os.environ, DRY_RUN="1", SEEDS="0", OUT_DIR=str(tmp_path), EPOCHS="3",
-               EXTRA_ARGS="--compile")
+               EXTRA_ARGS="--compile", PYTHON=sys.executable)
     p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], capture_output=True, text=True,
                        env=env)
     assert p.returncode == 0, p.stderr

@@ -17,6 +17,7 @@
 # the .csv of the images chosen and the .json of the query) and OUT_DIR/sSEED/STRATEGY/rR (run).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)  # the scripts; relative paths stay relative to the caller
+DRIVER=al.sh
 
 ROUNDS=${ROUNDS:-3}
 N_QUERY=${N_QUERY:-40}
@@ -41,9 +42,19 @@ for v in ROUNDS N_QUERY INIT; do
 done
 
 # shellcheck disable=SC2206  # EXTRA_ARGS / QUERY_ARGS are lists of flags: split on purpose
-extra=($EXTRA_ARGS)
+set -f; extra=($EXTRA_ARGS); set +f
 # shellcheck disable=SC2206
-qextra=($QUERY_ARGS)
+set -f; qextra=($QUERY_ARGS); set +f
+# shellcheck source=checks.sh
+. "$HERE/checks.sh"
+check_dry_run
+check_counts SEEDS "$SEEDS" 0
+check_own_flags EXTRA_ARGS "--dataset --data-dir --loss --entropy-ratio --out --labels-per-class \
+  --labeled-idx --seed" "${extra[@]}"
+check_own_flags QUERY_ARGS "--n --strategy --seed --out" "${qextra[@]}"
+LOSSES=$(methods_list)  # the --loss names of methods.STEPS
+check_words LOSS "$LOSS" "$LOSSES"
+[ "${LOSS//[[:space:]]/}" = "$LOSS" ] || refuse "LOSS must be one method, got '$LOSS'"
 show() { printf '%q ' "$@"; echo; }
 run() {
   if [ "$DRY_RUN" = 1 ]; then show "$@"; else "$@"; fi
@@ -56,7 +67,8 @@ train() {  # train OUT FLAGS...: a round, unless it has finished (train.py resum
     --out "$out" "$@" "${extra[@]}"
   # recorded once a round has trained, so a first attempt that fails at once binds nothing
   if [ "$DRY_RUN" != 1 ] && [ ! -f "$OUT_DIR/al_settings.txt" ]; then
-    printf '%s\n' "$conf" > "$OUT_DIR/al_settings.txt"
+    printf '%s\n' "$conf" > "$OUT_DIR/al_settings.txt.tmp"  # then renamed: never half a file
+    mv "$OUT_DIR/al_settings.txt.tmp" "$OUT_DIR/al_settings.txt"
   fi
 }
 
@@ -89,10 +101,12 @@ if [ "$LOSS" = entropy ]; then
 fi
 
 # the settings every round of OUT_DIR must share: a rerun with others would mix them silently
-conf="INIT=$INIT N_QUERY=$N_QUERY DATASET=$DATASET LOSS=$LOSS ENTROPY_RATIO=$ENTROPY_RATIO EXTRA_ARGS=$EXTRA_ARGS QUERY_ARGS=$QUERY_ARGS"
+# (arguments compared as the words they split into: extra white space is no other setting)
+conf="INIT=$INIT N_QUERY=$N_QUERY DATASET=$DATASET LOSS=$LOSS ENTROPY_RATIO=$ENTROPY_RATIO EXTRA_ARGS=${extra[*]} QUERY_ARGS=${qextra[*]}"
+normalised() { tr -s '[:space:]' ' ' | sed -e 's/= /=/g' -e 's/^ //' -e 's/ $//'; }
 if [ "$DRY_RUN" != 1 ]; then
   if [ -f "$OUT_DIR/al_settings.txt" ]; then
-    if [ "$(cat "$OUT_DIR/al_settings.txt")" != "$conf" ]; then
+    if [ "$(normalised < "$OUT_DIR/al_settings.txt")" != "$(printf '%s' "$conf" | normalised)" ]; then
       echo "al.sh: $OUT_DIR holds rounds made with other settings:" >&2
       echo "  then: $(cat "$OUT_DIR/al_settings.txt")" >&2
       echo "  now:  $conf" >&2

@@ -12,7 +12,6 @@
 (3) loss forward + backward for N = K + 64 + 2 x 448 rows, D = 128, vs a plain SupCon.
 """
 import argparse
-import json
 import os
 import resource
 import tempfile
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import config
 import data
 import losses
@@ -222,8 +222,7 @@ def main() -> None:
                       + (f", {r['world_size']} processes, {r['comm_mib_per_step']:.1f} MiB "
                          f"communicated per rank and step" if r["world_size"] > 1 else ""))
     if args.json and int(os.environ.get("RANK", 0)) == 0:
-        with open(args.json, "w") as fh:
-            json.dump(res, fh, indent=1)
+        checkpoint.write_text(args.json, checkpoint.dumps_json(res, indent=1))
         print(f"\nwrote {args.json}")
 
 

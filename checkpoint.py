@@ -5,6 +5,10 @@ fsync, then one rename), so a reader never sees half a file and a kill -9 leaves
 file or the new one. A run directory keeps two checkpoints, last.pt and prev.pt (the one before);
 a torn or corrupt last.pt falls back to prev.pt. See docs/reliability.md.
 """
+import fcntl
+import glob
+import json
+import math
 import os
 import sys
 from typing import IO, Callable
@@ -19,7 +23,14 @@ CONFIG_KEYS = ("dataset", "labels_per_class", "loss", "seed", "arch", "epochs", 
                "bn_momentum", "channels_last", "wrn_variant", "pair_weight", "lambda_u", "lambda_c",
                "ccssl_temp", "lambda_in", "bank_momentum", "bank_temp", "smoothing_alpha",
                "da_len", "lt_labeled", "lt_unlabeled", "imb_ratio_l", "imb_ratio_u", "hard_weight",
-               "labeled_idx_sha256")
+               "labeled_idx_sha256", "logit_adjust")
+# free to change on resume: where things are, how often to log / save / evaluate, speed-only
+# switches, and what the device / precision checks of check_resumable already cover
+FREE_ON_RESUME = ("data_dir", "out", "labeled_idx", "device", "amp", "compile", "eval_every",
+                  "log_every", "tensorboard", "save_every", "skip_nonfinite", "eval_batch_size",
+                  "debug_nan_step")
+# a key added to CONFIG_KEYS later: the value that a checkpoint from before it was trained with
+OLD_DEFAULTS = {"logit_adjust": 1.0}
 
 
 class CheckpointError(Exception):
@@ -50,6 +61,34 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
         raise
 
 
+def finite_json(obj):
+    """obj with every non-finite float (NaN, +-inf) replaced by None: JSON has no such numbers
+    (Python would write the non-standard NaN / Infinity), and a null says "undefined"."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj, **kw) -> str:
+    """json.dumps for every JSON file the project writes: standard JSON only (allow_nan=False),
+    non-finite floats written as null (finite_json)."""
+    return json.dumps(finite_json(obj), allow_nan=False, **kw)
+
+
+def remove_stale_temps(path: str) -> None:
+    """Remove PATH.tmp-PID files that a killed writer left behind (call it holding the lock of
+    PATH's folder, so that no live writer owns one)."""
+    for tmp in glob.glob(glob.escape(path) + ".tmp-*"):
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+
+
 def write_text(path: str, text: str, echo: bool = False) -> None:
     """A text file, written atomically; printed too with echo."""
     atomic_write(path, lambda fh: fh.write(text.encode()))
@@ -77,15 +116,41 @@ def read_checkpoint(path: str) -> tuple[dict, str]:
         raise CheckpointError(f"no checkpoint found at {path}")
     for f in files:
         try:
-            return torch.load(f, map_location="cpu", weights_only=True), f
+            state = torch.load(f, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and all(k in state for k in ("args", "ema", "step")):
+                return state, f
         except Exception:  # noqa: BLE001 - truncated, corrupt or unsafe: all the same to us
-            if len(files) > 1 and f != files[-1]:
-                print(f"warning: checkpoint {f} is unreadable (truncated or corrupt); "
-                      f"falling back to {files[files.index(f) + 1]}", file=sys.stderr)
+            pass
+        if len(files) > 1 and f != files[-1]:
+            print(f"warning: checkpoint {f} is unreadable (truncated or corrupt); "
+                  f"falling back to {files[files.index(f) + 1]}", file=sys.stderr)
+    if not os.path.isdir(path):  # a file named on the command line: say what it is instead
+        raise CheckpointError(f"{path} is not a checkpoint of train.py ({what_file(path)}); "
+                              f"expected a run directory (train.py --out) or its last.pt")
     names = " and ".join(files)
     raise CheckpointError(f"no readable checkpoint: {names} {'are' if len(files) > 1 else 'is'} "
                           f"truncated, corrupt or not a plain-tensor checkpoint; delete "
                           f"{'them' if len(files) > 1 else 'it'} to start the run over")
+
+
+def what_file(path: str) -> str:
+    """What a file that is not a checkpoint looks like, for the error message."""
+    import zipfile
+    name = os.path.basename(path)
+    if name == "metrics.jsonl" or name.endswith(".jsonl"):
+        return "a metrics file (JSON lines)"
+    if name.endswith(".json"):
+        return "a JSON file (a run's result.json or a query record?)"
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+        if "x_train.npy" in names:
+            return "a dataset (npz: archive)"
+        if any(n.endswith("data.pkl") for n in names):
+            return "a torch file without a run's state (a bare state_dict?)"
+    except (zipfile.BadZipFile, OSError):
+        pass
+    return "truncated, corrupt or not a plain-tensor file"
 
 
 def kept(out: str) -> str:
@@ -157,8 +222,9 @@ def check_resumable(s: dict, args, dev: torch.device, amp_dtype, world: int) -> 
     resume: the device index, bf16 autocast on/off. What cannot: the device type (CPU and CUDA
     generators have different states) and fp16, whose GradScaler state (the loss scale) has no
     counterpart in a bf16 or fp32 run and vice versa; nor the number of processes."""
-    diffs = [f"{k}: checkpoint {s['args'].get(k)!r}, now {getattr(args, k)!r}"
-             for k in CONFIG_KEYS if s["args"].get(k) != getattr(args, k)]
+    then = {k: s["args"].get(k, OLD_DEFAULTS.get(k)) for k in CONFIG_KEYS}
+    diffs = [f"{k}: checkpoint {then[k]!r}, now {getattr(args, k)!r}"
+             for k in CONFIG_KEYS if then[k] != getattr(args, k)]
     if diffs:
         fail(f"{args.out} holds a run with a different configuration ({'; '.join(diffs)}); "
              "use another --out or the original arguments")
@@ -218,6 +284,50 @@ class NonFiniteGuard:
 
 # ---------------------------------------------------------------- the output folder
 
+LOCK_NAME = ".lock"
+
+
+class DirLock:
+    """One writer per folder: an exclusive fcntl.flock on FOLDER/.lock, held while the `with`
+    block runs. The kernel drops the lock when the process dies (kill -9 included), so a crash
+    never leaves a stale lock; the file itself stays and only holds the last holder's pid."""
+
+    def __init__(self, folder: str, prog: str = "train.py"):
+        self.folder, self.prog, self.fd = folder, prog, None
+
+    def __enter__(self) -> "DirLock":
+        path = os.path.join(self.folder, LOCK_NAME)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            fail(f"cannot create the lock file {path}: {e.strerror}", self.prog)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            fail(f"{self.folder} is in use by another process (pid {holder}); wait for it to "
+                 f"end, or stop it, before writing there", self.prog)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the only descriptor releases the lock
+            self.fd = None
+
+
+def refuse_finished(out: str) -> None:
+    """A finished run (result.json) without a checkpoint to resume from would start over and
+    replace its results: refuse, and say how to start over on purpose."""
+    if os.path.exists(os.path.join(out, "result.json")):
+        fail(f"{out} holds a finished run (result.json) but no checkpoint to resume from; "
+             f"a finished run is never overwritten: to start over, delete {out} (or its "
+             f"result.json), or give another --out")
+
+
 def first_missing(path: str) -> str | None:
     """The outermost folder of path that does not exist yet (None if path exists)."""
     path, top = os.path.abspath(path), None
@@ -230,6 +340,8 @@ def remove_if_empty(out: str, top: str | None) -> None:
     """A run that failed before its first step leaves no empty --out behind, nor the empty
     parent folders (e.g. runs/) that creating it made (top: the outermost one it created)."""
     path = os.path.abspath(out)
+    if top and path.startswith(top) and os.path.isdir(path) and os.listdir(path) == [LOCK_NAME]:  # our own lock file, nothing else written
+        os.remove(os.path.join(path, LOCK_NAME))
     while top and path.startswith(top):
         try:
             os.rmdir(path)  # only if empty

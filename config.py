@@ -177,6 +177,8 @@ VALUE_RULES = [
     (("threshold",), lambda v: 0 <= v <= 1, "in [0, 1]"),
     (("low_weight",), lambda v: 0 < v <= 1, "in (0, 1]"),
     (("ema_decay",), lambda v: 0 <= v < 1, "in [0, 1)"),
+    (("logit_adjust",), lambda v: v >= 0 and finite(v), "a finite number >= 0"),
+    (("imb_ratio_l", "imb_ratio_u"), finite, "a finite number"),
 ]
 DERIVED_RULES = [  # checked once their defaults are resolved
     (("bn_momentum",), lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -201,6 +203,10 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     check_ranges(p, args, COUNT_RULES)
     check_method_flags(p, args)
     check_ranges(p, args, VALUE_RULES)
+    if args.hard_weight and args.epochs <= methods.HARD_WEIGHT_EPOCH:
+        p.error(f"--hard-weight {args.hard_weight} has no effect with --epochs {args.epochs}: "
+                f"the weighting starts after epoch {methods.HARD_WEIGHT_EPOCH}; use --epochs > "
+                f"{methods.HARD_WEIGHT_EPOCH} or leave --hard-weight out")
     if not (args.dataset in data.CIFAR_URLS or args.dataset.startswith("npz:")):
         p.error(f"--dataset: unknown dataset {args.dataset!r}; use cifar10, cifar100 or npz:PATH")
     try:
@@ -299,8 +305,8 @@ def check_labeled_idx(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
     try:
         data.read_index_file(args.labeled_idx)
         args.labeled_idx_sha256 = data.sha256_of(args.labeled_idx)
-    except (ValueError, OSError) as e:
-        p.error(f"--labeled-idx: {e}")
+    except (ValueError, OSError) as e:  # the file's content, not the command line: no usage block
+        p.exit(2, f"{p.prog}: error: --labeled-idx: {e}\n")
 
 
 def check_long_tailed(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -318,8 +324,11 @@ def check_long_tailed(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
                 "labeled counts)")
     if args.imb_ratio_u is None:
         args.imb_ratio_u = args.imb_ratio_l
-    if args.lt_labeled < 1 or args.lt_unlabeled < 0:
-        p.error(f"--lt-labeled must be >= 1 and --lt-unlabeled >= 0, got {args.lt_labeled} and "
+    if args.lt_labeled < 1:
+        p.error(f"--lt-labeled (N1, labeled images of the head class) must be >= 1, got "
+                f"{args.lt_labeled}")
+    if args.lt_unlabeled < 1:
+        p.error(f"--lt-unlabeled (M1, unlabeled images of the head class) must be >= 1, got "
                 f"{args.lt_unlabeled}")
     if not args.imb_ratio_l >= 1 or not abs(args.imb_ratio_u) >= 1:
         p.error(f"--imb-ratio-l must be >= 1 and |--imb-ratio-u| >= 1 (negative = reversed), got "

@@ -212,7 +212,7 @@ def read_index_file(path: str) -> np.ndarray:
             raise ValueError(f"{path}: index {a.max()} is far out of range")
     else:
         vals = []
-        with open(path, errors="replace") as fh:
+        with open(path, encoding="utf-8-sig", errors="replace") as fh:  # a BOM is not an index
             for n, line in enumerate(fh, 1):
                 line = line.split("#")[0].strip()
                 if not line:
@@ -286,7 +286,9 @@ def per_class_first(y: np.ndarray, n: int, rng: np.random.Generator, num_classes
     for c in range(num_classes):
         idx = np.flatnonzero(y == c)
         if len(idx) < n:
-            raise ValueError(f"class {c} has {len(idx)} {what}, fewer than the {n} {asked}")
+            hint = (f"; no image has label {c}: labels must count from 0 (1-based labels? "
+                    f"subtract 1)" if len(idx) == 0 and c == 0 else "")
+            raise ValueError(f"class {c} has {len(idx)} {what}, fewer than the {n} {asked}{hint}")
         rng.shuffle(idx)
         out.append(idx[:n])
     return np.concatenate(out).astype(np.int64)
@@ -646,7 +648,8 @@ def main(argv=None) -> None:
     import argparse
     p = argparse.ArgumentParser(description="Build a class-balanced subset of CIFAR (or of an npz: "
                                 "dataset) in the project's npz: format, e.g. the CPU-scale set: "
-                                "python data.py make-subset --out cifar10-5k.npz")
+                                "python data.py make-subset --out cifar10-5k.npz",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("command", choices=["make-subset"])
     p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100 or npz:PATH")
     p.add_argument("--data-dir", default="data", help="where CIFAR is (or is downloaded to)")
@@ -659,6 +662,10 @@ def main(argv=None) -> None:
         p.error("--per-class-train and --per-class-test must be >= 1")
     if not a.out.endswith(".npz"):
         p.error(f"--out must end in .npz, got {a.out}")
+    src = a.dataset[4:] if a.dataset.startswith("npz:") else None
+    if src and os.path.exists(a.out) and os.path.exists(src) and os.path.samefile(src, a.out):
+        p.error(f"--out {a.out} is the input dataset {src}; writing it would replace the source: "
+                f"name another file")
     try:
         sub = make_subset(load_dataset(a.dataset, a.data_dir), a.per_class_train,
                           a.per_class_test, a.seed)

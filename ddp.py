@@ -14,7 +14,11 @@ gradient of each rank's copy of L, so a rank's local rows receive N dL/dz; DDP t
 parameter gradients over the N ranks: (1/N) sum_r N dL/dtheta_r = dL/dtheta, the single-process
 gradient (tested on CPU with gloo).
 """
+import ctypes
 import os
+import signal
+import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -26,8 +30,32 @@ def world() -> tuple[int, int, int]:
             int(os.environ.get("WORLD_SIZE", 1)))
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when its parent (torchrun's launcher) dies, so that a
+    kill -9 of the launcher does not leave ranks training and writing on their own. If the
+    parent died before that took effect, exit now. Elsewhere: nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before the prctl took effect
+        os._exit(1)
+
+
 def init(device_type: str) -> None:
-    """nccl between GPUs, gloo on CPU; the address comes from torchrun's environment."""
+    """nccl between GPUs, gloo on CPU; the address comes from torchrun's environment. The
+    process dies with its launcher (die_with_parent)."""
+    die_with_parent()
+    # the differentiable all_gather that gather_views needs is marked deprecated in favour of a
+    # private API; the warning would be printed by every rank at every step's first call
+    warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather",
+                            category=FutureWarning)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
 

@@ -13,7 +13,8 @@ import sys
 import numpy as np
 import torch
 
-from checkpoint import CheckpointError, read_checkpoint, write_text  # noqa: F401 (re-exported)
+from checkpoint import (CheckpointError, DirLock, read_checkpoint,  # noqa: F401 (re-exported)
+                        remove_stale_temps, write_text)
 
 
 @torch.no_grad()
@@ -68,11 +69,17 @@ def eval_metrics(scores: torch.Tensor, y: torch.Tensor, labeled_counts: list[int
                  tau: float = 1.0) -> dict:
     """Overall, per-class and head / medium / tail accuracy, raw and logit-adjusted (docs/long_tailed.md:
     long-tailed).
-    On a balanced test set the overall accuracy is the balanced accuracy."""
+    On a balanced test set the overall accuracy is the balanced accuracy. With tau > 0 and a class
+    that has no labeled image (prior 0, -log pi = +inf) the adjusted prediction is that class for
+    every image: the adjusted accuracies are undefined and reported as None (null)."""
     k = scores.shape[1]
     prior = torch.tensor(labeled_counts, dtype=torch.float64) / max(sum(labeled_counts), 1)
     out = {}
     for suffix, pred in (("", scores.argmax(1)), ("_adjusted", logit_adjusted(scores, prior, tau))):
+        if suffix and tau > 0 and min(labeled_counts) == 0:
+            out.update({"test_acc_adjusted": None, "per_class_acc_adjusted": [None] * k,
+                        **{f"{g}_acc_adjusted": None for g in ("head", "medium", "tail")}})
+            continue
         right = (pred == y).double().cpu()
         per = [right[(y == c).cpu()].mean().item() if (y == c).any() else None for c in range(k)]
         out[f"test_acc{suffix}"] = right.mean().item()
@@ -129,6 +136,10 @@ def evaluate_checkpoint(path: str, per_class: bool = False, data_dir: str | None
     model = load_run_model(state, ds["num_classes"], device)
     x = data.to_tensor_images(ds["x_test"], device)
     y = torch.from_numpy(ds["y_test"]).to(device)
+    if state["labeled_idx"].numel() and int(state["labeled_idx"].max()) >= len(ds["y_train"]):
+        raise ValueError(f"{name} has {len(ds['y_train'])} training images, fewer than the run in "
+                         f"{f} was trained on (labeled index {int(state['labeled_idx'].max())}); "
+                         f"pass the run's dataset with --dataset / --data-dir")
     norm = data.Normalize(state["mean"], state["std"], device)
     scores = scores_all(model, x, norm)
     if not classifier_run(state):
@@ -180,30 +191,30 @@ def main(argv=None) -> None:
         for d in (args.plot or []) + ([args.plot_confusion] if args.plot_confusion else []):
             if not os.path.isdir(d):
                 p.error(f"{d} is not a run directory")
-        if args.plot:
-            report.plot_runs(args.plot, args.out)
-        else:
-            try:
-                report.plot_confusion(args.plot_confusion, args.out, args.data_dir, args.device)
-            except (CheckpointError, ValueError, RuntimeError) as e:
-                sys.exit(f"evaluate.py: error: {e}")
-        return
-    if args.al_table:
-        if not os.path.isdir(args.al_table):
-            p.error(f"{args.al_table} is not a directory")
         try:
-            md, csv_text = report.al_table(args.al_table)
-        except ValueError as e:
-            sys.exit(f"evaluate.py: error: {e}")
-        write_text(os.path.join(args.al_table, "al_table.csv"), csv_text, echo=False)
-        write_text(os.path.join(args.al_table, "al_table.md"), md, echo=True)
+            report.check_figure_path(args.out)
+            if args.plot:
+                report.plot_runs(args.plot, args.out)
+            else:
+                report.plot_confusion(args.plot_confusion, args.out, args.data_dir, args.device,
+                                      args.dataset)
+        except (CheckpointError, ValueError, RuntimeError, KeyError) as e:
+            sys.exit(f"evaluate.py: error: {str(e).strip(chr(39))}")
         return
-    tables = ((args.table, report.table1, "table1.md"), (args.lt_table, report.lt_table, "lt_table.md"))
+    tables = ((args.table, report.table1, "table1.md"), (args.lt_table, report.lt_table, "lt_table.md"),
+              (args.al_table, report.al_table, "al_table.md"))
     for folder, make, name in tables:
         if folder:
             if not os.path.isdir(folder):
                 p.error(f"{folder} is not a directory")
-            write_text(os.path.join(folder, name), make(folder), echo=True)
+            try:
+                with DirLock(folder, "evaluate.py"):
+                    write_table(folder, name, make(folder))
+            except ValueError as e:
+                sys.exit(f"evaluate.py: error: {e}")
+            except OSError as e:
+                sys.exit(f"evaluate.py: error: cannot write {os.path.join(folder, name)}: "
+                         f"{e.strerror or e}; give a writable folder (or copy the runs to one)")
             return
     if not args.path:
         p.error("give a run directory or checkpoint file, or --table RESULTS_DIR")
@@ -211,10 +222,24 @@ def main(argv=None) -> None:
         r = evaluate_checkpoint(args.path, args.per_class, args.data_dir, args.device, args.dataset)
     except (CheckpointError, ValueError, RuntimeError) as e:
         sys.exit(f"evaluate.py: error: {e}")
+    except KeyError as e:
+        sys.exit(f"evaluate.py: error: {args.path} is not a checkpoint of train.py (no {e} in it)")
     print(f"{r['checkpoint']} (step {r['step']}): top-1 accuracy {100 * r['top1']:.2f} % on the "
           f"{r['n_test']} test images of {r['dataset']}")
     if args.per_class:
         print_per_class(r, args.path)
+
+
+def write_table(folder: str, name: str, made) -> None:
+    """FOLDER/NAME (and al_table.csv beside al_table.md), printed; temporary files that a killed
+    writer left are removed first (the caller holds the folder's lock)."""
+    md, csv_text = made if isinstance(made, tuple) else (made, None)
+    path = os.path.join(folder, name)
+    remove_stale_temps(path)
+    if csv_text is not None:
+        remove_stale_temps(path[:-3] + ".csv")
+        write_text(path[:-3] + ".csv", csv_text, echo=False)
+    write_text(path, md, echo=True)
 
 
 def print_per_class(r: dict, path: str) -> None:

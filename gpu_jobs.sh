@@ -1,13 +1,29 @@
 # A job queue over GPUs for the driver scripts (sourced by run_all.sh and run_lt.sh).
 #
-# GPUS="0 1 2 3": jobs run in parallel, at most one per listed GPU at a time
+# GPUS="0 1 2 3" (or "0,1,2,3"): jobs run in parallel, at most one per listed GPU at a time
 # (CUDA_VISIBLE_DEVICES set per job), the next one starting as soon as one ends; each job's
 # output goes to its own log file; a failed job does not stop the others and is reported at the
 # end with its log path. Without GPUS, each job runs in the foreground as before.
 # Needs: show (prints a command shell-quoted) and DRY_RUN from the sourcing script.
 
 GPUS=${GPUS:-}
-read -r -a FREE_GPUS <<< "$GPUS"
+FREE_GPUS=()
+if [ -n "$GPUS" ]; then  # ids separated by commas and/or white space; anything else is refused
+  read -r -a FREE_GPUS <<< "${GPUS//[$'\n\t,']/ }"
+  if [ ${#FREE_GPUS[@]} -eq 0 ]; then
+    echo "${DRIVER:-gpu_jobs.sh}: GPUS='$GPUS' names no GPU; give ids such as GPUS=\"0 1\" or" \
+      "GPUS=0,1, or leave GPUS unset to run one job at a time" >&2
+    exit 2
+  fi
+  for g in "${FREE_GPUS[@]}"; do
+    if ! [[ $g =~ ^([0-9]+|GPU-[0-9a-fA-F-]+|MIG-[0-9A-Za-z/-]+)$ ]]; then
+      echo "${DRIVER:-gpu_jobs.sh}: GPUS: '$g' is not a GPU id; give ids (0, 1, ... or GPU-/MIG-" \
+        "UUIDs) separated by spaces or commas, e.g. GPUS=\"0 1\" or GPUS=0,1" >&2
+      exit 2
+    fi
+  done
+  GPUS="${FREE_GPUS[*]}"
+fi
 declare -A JOB_GPU=() JOB_LOG=()
 FAILED=()
 DRY_NEXT=0  # round-robin GPU for the commands DRY_RUN prints

@@ -33,7 +33,7 @@ def public_args(args: argparse.Namespace) -> dict:
 
 def append_jsonl(path: str, record: dict) -> None:
     with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+        fh.write(checkpoint.dumps_json(record) + "\n")
 
 
 def truncate_metrics(path: str, step: int) -> None:
@@ -164,7 +164,7 @@ def write_result(run) -> dict:
            "final": run.last_test, "labeled_counts": run.labeled_counts, "evaluations": len(h),
            "steps": run.step, "wall_time_s": round(run.elapsed, 1),
            "device": device_name(run.dev), "versions": versions(), "args": public_args(run.args)}
-    checkpoint.write_text(os.path.join(run.args.out, "result.json"), json.dumps(res, indent=1))
+    checkpoint.write_text(os.path.join(run.args.out, "result.json"), checkpoint.dumps_json(res, indent=1))
     return res
 
 

@@ -28,6 +28,7 @@ FixMatch, which trains no projection: there, the L2-normalised backbone feature.
 """
 import argparse
 import csv
+import hashlib
 import io
 import json
 import math
@@ -40,7 +41,8 @@ import torch
 import torch.nn.functional as F
 
 import data
-from checkpoint import CheckpointError, atomic_write, read_checkpoint, write_text
+from checkpoint import (CheckpointError, DirLock, atomic_write, dumps_json, read_checkpoint,
+                        remove_stale_temps, write_text)
 from evaluate import classifier_run, load_run_model, outputs_all, resolve_dataset
 
 STRATEGIES = ("random", "entropy", "margin", "least-confident", "balanced-entropy", "typical")
@@ -247,12 +249,34 @@ def choose(strategy: str, n: int, pool: np.ndarray, p: torch.Tensor, emb: torch.
 
 # ---------------------------------------------------------------- files
 
-def write_index_file(path: str, idx: np.ndarray) -> None:
-    """Sorted indices as train.py --labeled-idx reads them: .npy, or text one per line."""
+def index_file_bytes(path: str, idx: np.ndarray, query_id: str) -> bytes:
+    """Sorted indices as train.py --labeled-idx reads them: .npy, or text one per line after a
+    "# query ID" comment line (a .npy cannot hold one: the .json's out_sha256 names its bytes)."""
     if path.endswith(".npy"):
-        atomic_write(path, lambda fh: np.save(fh, idx.astype(np.int64)))
-    else:
-        write_text(path, "".join(f"{i}\n" for i in idx))
+        buf = io.BytesIO()
+        np.save(buf, idx.astype(np.int64))
+        return buf.getvalue()
+    return (f"# query {query_id}\n" + "".join(f"{i}\n" for i in idx)).encode()
+
+
+def write_index_file(path: str, idx: np.ndarray, query_id: str = "") -> None:
+    payload = index_file_bytes(path, idx, query_id)
+    atomic_write(path, lambda fh: fh.write(payload))
+
+
+def check_query_files(out: str) -> str:
+    """The query id if OUT and its .csv and .json describe one query, else a ValueError."""
+    csv_path, json_path = side_files(out)
+    with open(json_path) as fh:
+        rec = json.load(fh)
+    with open(out, "rb") as fh:
+        if hashlib.sha256(fh.read()).hexdigest() != rec["out_sha256"]:
+            raise ValueError(f"{out} is not the labeled set that {json_path} describes")
+    with open(csv_path) as fh:
+        ids = {row["query_id"] for row in csv.DictReader(fh)}
+    if ids != {rec["query_id"]}:
+        raise ValueError(f"{csv_path} is not the query that {json_path} describes")
+    return rec["query_id"]
 
 
 def side_files(out: str) -> tuple[str, str]:
@@ -262,9 +286,15 @@ def side_files(out: str) -> tuple[str, str]:
 
 # ---------------------------------------------------------------- main
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, and "(default: X)" where there is a default."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def get_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("run", help="a run's output dir (its last.pt, or prev.pt) or a checkpoint file")
     p.add_argument("--n", type=int, required=True, help="images to add to the labeled set")
     p.add_argument("--strategy", choices=STRATEGIES, required=True, help="see above")
@@ -301,6 +331,13 @@ def query(args: argparse.Namespace) -> dict:
     """Score the pool, choose, write the three files; returns the .json record."""
     state, ckpt = read_checkpoint(args.run)
     a = state["args"]
+    if a.get("lt_labeled"):
+        n_ulb = len(state["unlabeled_idx"]) if "unlabeled_idx" in state else "a subset"
+        raise ValueError(f"{args.run} is a long-tailed run (--lt-labeled): its unlabeled set is "
+                         f"{n_ulb} chosen images, but a round trained on a query "
+                         f"(train.py --labeled-idx) takes the whole training set as unlabeled "
+                         f"data, so the next round would change it; start active learning from a "
+                         f"--labels-per-class or --labeled-idx run")
     if a.get("labeled_idx") and same_file(run_path(state, a["labeled_idx"]), args.out):
         raise ValueError(f"--out {args.out} is the labeled set the run was trained on; write the "
                          f"next round to a new file (the run's resume check needs the old one)")
@@ -344,22 +381,37 @@ def query(args: argparse.Namespace) -> dict:
     mar = margin(p_pick).cpu().numpy()
     classes = list(ds["classes"])
     csv_path, json_path = side_files(args.out)
+    after = np.union1d(labeled, new)
+    ckpt_sha = data.sha256_of(ckpt)
+    # one id in all three files: which query they describe (deterministic, like the query)
+    query_id = hashlib.sha256(f"{ckpt_sha} {args.strategy} {args.n} {args.seed} "
+                              f"{args.kmeans_iters} ".encode() + after.astype("<i8").tobytes()
+                              ).hexdigest()[:16]
     table = io.StringIO()
     w = csv.writer(table, lineterminator="\n")
-    w.writerow(["rank", "index", "score", "pred", "pred_name", "prob", "entropy", "margin"])
-    w.writerows([r, i, f"{s:.6g}", c, classes[c], f"{q:.6f}", f"{e:.6f}", f"{m:.6f}"]
+    w.writerow(["rank", "index", "score", "pred", "pred_name", "prob", "entropy", "margin",
+                "query_id"])
+    w.writerows([r, i, f"{s:.6g}", c, classes[c], f"{q:.6f}", f"{e:.6f}", f"{m:.6f}", query_id]
                 for r, (i, s, c, q, e, m) in enumerate(zip(new, score, pred, prob, ent, mar), 1))
-    record = {"run": args.run, "checkpoint": ckpt, "checkpoint_sha256": data.sha256_of(ckpt),
+    payload = index_file_bytes(args.out, after, query_id)
+    record = {"query_id": query_id, "run": args.run, "checkpoint": ckpt,
+              "checkpoint_sha256": ckpt_sha,
               "step": state["step"], "loss": a["loss"], "strategy": args.strategy, "n": args.n,
               "seed": args.seed, "kmeans_iters": args.kmeans_iters, "pool_size": int(len(pool)),
               "labeled_before": int(len(labeled)), "labeled_after": int(len(labeled) + len(new)),
               "per_predicted_class": {classes[c]: int((pred == c).sum())
                                       for c in range(ds["num_classes"])},
-              "out": args.out, "csv": csv_path}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_text(csv_path, table.getvalue())
-    write_text(json_path, json.dumps(record, indent=1) + "\n")
-    write_index_file(args.out, np.union1d(labeled, new))  # last: its existence means done
+              "out": args.out, "out_sha256": hashlib.sha256(payload).hexdigest(), "csv": csv_path}
+    folder = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(folder, exist_ok=True)
+    with DirLock(folder, "query.py"):  # one writer of these files at a time
+        for path in (args.out, csv_path, json_path):
+            remove_stale_temps(path)  # left by a query killed while writing
+        if os.path.exists(args.out):  # gone first: a kill below leaves no .txt of another query
+            os.remove(args.out)
+        write_text(csv_path, table.getvalue())
+        write_text(json_path, dumps_json(record, indent=1) + "\n")
+        atomic_write(args.out, lambda fh: fh.write(payload))  # last: its existence means done
     return record
 
 

@@ -48,27 +48,46 @@ def config_key(a: dict) -> tuple:
     return tuple(sorted((k, repr(v)) for k, v in a.items() if k not in NOT_CONFIG and v is not None))
 
 
-def collect_results(results_dir: str, field=lambda r: float(r["final_acc"])) -> dict:
-    """{configuration without the seed: (args of one run, [100 x field(result) of each seed])}
-    from every readable result.json below results_dir; unreadable ones are skipped with a
-    warning."""
-    groups = {}
-    for f in sorted(glob.glob(os.path.join(results_dir, "**", "result.json"), recursive=True)):
+def read_results(results_dir: str) -> list[tuple[str, dict]]:
+    """(file, record) of every readable result.json below results_dir, each configuration and
+    seed once: a copy of a run (same configuration and seed, e.g. cp -r r r_backup) is one run,
+    counted once with a warning. Unreadable ones are skipped with a warning (once)."""
+    found, seen = [], {}
+    for f in sorted(glob.glob(os.path.join(glob.escape(results_dir), "**", "result.json"),
+                              recursive=True)):
         try:
             with open(f) as fh:
                 r = json.load(fh)
-            a, acc = r["args"], field(r)
-            acc = None if acc is None else 100.0 * acc
-            a["dataset"], a["labels_per_class"], a["loss"]  # noqa: B018 - required keys
+            a = r["args"]
+            float(r["final_acc"]), a["dataset"], a["labels_per_class"], a["loss"]  # noqa: B018
         except (OSError, ValueError, KeyError, TypeError) as e:
             print(f"warning: skipping {f}: unreadable or incomplete ({type(e).__name__}: {e})",
                   file=sys.stderr)
             continue
-        groups.setdefault(config_key(a), (a, []))[1].append(acc)
+        key = (config_key(a), repr(a.get("seed")))
+        if key in seen:
+            print(f"warning: {f} is the same configuration and seed as {seen[key]} (a copy?); "
+                  f"counted once", file=sys.stderr)
+            continue
+        seen[key] = f
+        found.append((f, r))
+    return found
+
+
+def collect_results(results_dir: str, field=lambda r: float(r["final_acc"]), records=None) -> dict:
+    """{configuration without the seed: (args of one run, [100 x field(result) of each seed])}
+    from every readable result.json below results_dir (read_results; or the given records)."""
+    groups = {}
+    for _, r in read_results(results_dir) if records is None else records:
+        acc = field(r)
+        groups.setdefault(config_key(r["args"]), (r["args"], []))[1].append(
+            None if acc is None else 100.0 * acc)
     return groups
 
 
 def format_cell(vals: list[float] | None) -> str:
+    if vals and all(v is None for v in vals):
+        return "undefined"  # e.g. logit-adjusted accuracy with a class that has no labels
     vals = [v for v in vals or [] if v is not None]
     if not vals:
         return "not run"
@@ -81,10 +100,10 @@ def at_protocol(a: dict) -> bool:
     return all(a.get(k) == v for k, v in PROTOCOL.items())
 
 
-def differing(a: dict, others: list[dict]) -> str:
-    """The settings of run a that differ from the paper protocol or from the other rows of its
-    cell, as flags."""
-    keys = {k for k, v in PROTOCOL.items() if a.get(k) != v}
+def differing(a: dict, others: list[dict], protocol: bool = True) -> str:
+    """The settings of run a that differ from the paper protocol (with protocol) or from the
+    other rows of its cell, as flags."""
+    keys = {k for k, v in PROTOCOL.items() if a.get(k) != v} if protocol else set()
     keys |= {k for b in others for k in set(a) | set(b)
              if k not in NOT_CONFIG and a.get(k) != b.get(k)}
     keys.discard("labeled_idx_sha256")  # the file's path says which labeled set
@@ -95,6 +114,9 @@ def table1(results_dir: str) -> str:
     """Table 1 (paper protocol, one configuration per cell), the peers beside their published
     numbers, and every other configuration or dataset as its own row."""
     groups = collect_results(results_dir)
+    if not groups:
+        raise ValueError(f"no result.json under {results_dir}; give the OUT_DIR of run_all.sh "
+                         f"(or a folder holding train.py runs)")
     paper = {}  # (dataset, n, loss) -> [group keys at the paper protocol]
     for key, (a, _) in groups.items():
         if (a["dataset"], a["labels_per_class"]) in CELLS and at_protocol(a):
@@ -169,21 +191,33 @@ def lt_table(results_dir: str) -> str:
     """The long-tailed runs (docs/long_tailed.md): one row per setting and method configuration, final
     accuracies mean ± std over seeds, raw and logit-adjusted, plus FixMatch's median of the
     last 20 evaluations."""
-    cols = {name: collect_results(results_dir, lambda r, k=key: r.get("final", {}).get(k))
+    records = read_results(results_dir)  # read once: each warning once
+    cols = {name: collect_results(results_dir, lambda r, k=key: r.get("final", {}).get(k), records)
             for name, key in LT_COLUMNS}
-    cols["median of last 20"] = collect_results(results_dir, lambda r: r["median_last20_acc"])
+    cols["median of last 20"] = collect_results(results_dir, lambda r: r.get("median_last20_acc"),
+                                                records)
     keys = sorted((k for k, (a, _) in cols["overall"].items() if a.get("lt_labeled")),
                   key=lambda k: str(lt_setting(cols["overall"][k][0])))
+    if not keys:
+        raise ValueError(f"no long-tailed run (result.json of a train.py --lt-labeled run) under "
+                         f"{results_dir}; give the OUT_DIR of run_lt.sh")
     head = " | ".join(cols)
     lines = [f"| dataset | N1 / M1 / gamma_l / gamma_u | method | {head} |",
              "|---|---|---|" + "---|" * len(cols)]
     for key in keys:
         a = cols["overall"][key][0]
         method = a["loss"] + (f" --hard-weight {a['hard_weight']}" if a.get("hard_weight") else "")
+        same = [cols["overall"][k][0] for k in keys if k != key and
+                (cols["overall"][k][0]["dataset"], lt_setting(cols["overall"][k][0]),
+                 cols["overall"][k][0]["loss"]) == (a["dataset"], lt_setting(a), a["loss"])]
+        diff = differing({k: v for k, v in a.items() if k != "hard_weight"},
+                         [{k: v for k, v in b.items() if k != "hard_weight"} for b in same], False)
+        method += f" {diff}" if same and diff != "-" else ""
         lines.append(f"| {a['dataset']} | {lt_setting(a)} | {method} | "
                      + " | ".join(format_cell(cols[c][key][1]) for c in cols) + " |")
     return "\n".join(lines) + ("\n\nTop-1 test accuracy (%), balanced test set; head / medium / "
-                               "tail = classes by labeled count; mean ± std over seeds.\n")
+                               "tail = classes by labeled count; mean ± std over seeds; "
+                               "logit-adjusted: undefined where a class has no labeled image.\n")
 
 
 def lt_setting(a: dict) -> str:
@@ -328,6 +362,11 @@ def run_labels(all_args: list[dict]) -> list[str]:
     return out
 
 
+NO_DATA = {  # what an empty panel means
+    "Pseudo-label accuracy": "no data: no unlabeled sample was confident or entropy-selected\n"
+                             "at any evaluation (or --mu 0)",
+    "Mean unlabeled weight": "no data (--mu 0: no unlabeled batch)",
+}
 PANELS = [  # title, y label, [(metrics field, line style, legend suffix)]
     ("EMA test accuracy", "accuracy", [("test_acc", "-", "")]),
     ("Unlabeled samples per group", "fraction of the unlabeled batch",
@@ -358,7 +397,7 @@ def plot_runs(run_dirs: list[str], out: str) -> None:
             ax.legend([plt.Line2D([], [], color="k", ls=s) for _, s, _ in fields],
                       [name for _, _, name in fields], fontsize=8, loc="best")
         if not ax.lines:
-            ax.text(0.5, 0.5, "no data (e.g. --mu 0)", ha="center", va="center",
+            ax.text(0.5, 0.5, NO_DATA.get(title, "no data"), ha="center", va="center",
                     transform=ax.transAxes)
     handles = [plt.Line2D([], [], color=colours[i % len(colours)]) for i in range(len(runs))]
     fig.legend(handles, labels, loc="outside lower center", ncol=min(3, len(runs)), fontsize=8)
@@ -366,8 +405,30 @@ def plot_runs(run_dirs: list[str], out: str) -> None:
     save_figure(fig, out)
 
 
+FIGURE_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "eps", "ps")
+
+
+def check_figure_path(out: str) -> str:
+    """The format that out's suffix names (written as such), or a ValueError; its folder must
+    exist and be writable. Checked before anything is read or drawn."""
+    fmt = os.path.splitext(out)[1][1:].lower()
+    if fmt not in FIGURE_FORMATS:
+        raise ValueError(f"--out {out}: the figure format follows the suffix; name it "
+                         f"FIG.{', FIG.'.join(FIGURE_FORMATS)}")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--out {out}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--out {out}: the folder {folder} is not writable")
+    return fmt
+
+
 def save_figure(fig, out: str) -> None:
-    atomic_write(out, lambda fh: fig.savefig(fh, dpi=100, format="png"))
+    fmt = check_figure_path(out)
+    try:
+        atomic_write(out, lambda fh: fig.savefig(fh, dpi=100, format=fmt))
+    except OSError as e:
+        raise ValueError(f"cannot write {out}: {e.strerror or e}") from None
     print(f"wrote {out}")
 
 
@@ -376,12 +437,14 @@ def row_normalised(cm):
     return cm / np.maximum(cm.sum(1, keepdims=True), 1)
 
 
-def plot_confusion(run_dir: str, out: str, data_dir: str | None, device: str) -> None:
+def plot_confusion(run_dir: str, out: str, data_dir: str | None, device: str,
+                   dataset: str | None = None) -> None:
     """Test-set confusion of the EMA model, and the pseudo-label confusion (confident and
     entropy-selected samples) of the last evaluation interval, row-normalised."""
     plt = import_pyplot()
     from evaluate import evaluate_checkpoint
-    r = evaluate_checkpoint(run_dir, per_class=True, data_dir=data_dir, device=device)
+    r = evaluate_checkpoint(run_dir, per_class=True, data_dir=data_dir, device=device,
+                            dataset=dataset)
     k = len(r["classes"])
     mats = [("test set (EMA model)", r["confusion"])]
     pl_path = os.path.join(run_dir, "pl_confusion.npy")

@@ -9,8 +9,11 @@
 #   EPOCHS=16 EXTRA_ARGS="--compile" bash run_all.sh
 #   DRY_RUN=1 bash run_all.sh                     # print the commands only
 #   GPUS="0 1 2 3" bash run_all.sh                # one run per GPU in parallel (gpu_jobs.sh)
+# Relative paths (OUT_DIR, DATA_DIR, paths in EXTRA_ARGS) are taken from the current directory,
+# and the commands DRY_RUN prints work there. Every setting is checked before anything trains.
 set -euo pipefail
-cd "$(dirname "$0")"
+HERE=$(cd "$(dirname "$0")" && pwd)  # the scripts; relative paths stay relative to the caller
+DRIVER=run_all.sh
 
 SEEDS=${SEEDS:-0}                 # seeds to run
 METHODS=${METHODS:-base entropy}  # --loss values: base entropy fixmatch ccssl simmatch
@@ -21,22 +24,31 @@ EXTRA_ARGS=${EXTRA_ARGS:-}        # passed to every train.py call (split on spac
 PYTHON=${PYTHON:-python}
 DRY_RUN=${DRY_RUN:-0}
 
-# shellcheck disable=SC2206  # EXTRA_ARGS is a list of flags: split on purpose
-extra=($EXTRA_ARGS)
+# shellcheck disable=SC2206  # EXTRA_ARGS is a list of flags: split on purpose (no globbing)
+set -f; extra=($EXTRA_ARGS); set +f
+# shellcheck source=checks.sh
+. "$HERE/checks.sh"
+check_dry_run
+check_counts SEEDS "$SEEDS" 0
+check_counts EPOCHS "$EPOCHS" 1
+check_own_flags EXTRA_ARGS "--dataset --labels-per-class --loss --seed --epochs --data-dir --out" \
+  "${extra[@]}"
 
 show() {  # print a command with every argument shell-quoted, so it can be pasted back
   printf '%q ' "$@"
   echo
 }
 # shellcheck source=gpu_jobs.sh
-. ./gpu_jobs.sh
+. "$HERE/gpu_jobs.sh"
+LOSSES=$(methods_list)  # the --loss names of methods.STEPS
+check_words METHODS "$METHODS" "$LOSSES"
 
 for seed in $SEEDS; do
   for dataset in cifar10 cifar100; do
     for n in 4 25; do
       for loss in $METHODS; do
         out="$OUT_DIR/${dataset}_${n}_${loss}_s${seed}"
-        cmd=("$PYTHON" train.py --dataset "$dataset" --labels-per-class "$n" --loss "$loss"
+        cmd=("$PYTHON" "$HERE/train.py" --dataset "$dataset" --labels-per-class "$n" --loss "$loss"
              --seed "$seed" --epochs "$EPOCHS" --data-dir "$DATA_DIR" --out "$out" "${extra[@]}")
         run_job "$out" "${cmd[@]}"
       done
@@ -46,7 +58,7 @@ done
 
 status=0
 drain || status=1
-table=("$PYTHON" evaluate.py --table "$OUT_DIR")
+table=("$PYTHON" "$HERE/evaluate.py" --table "$OUT_DIR")
 if [ "$DRY_RUN" = 1 ]; then
   show "${table[@]}"
 else

@@ -9,8 +9,11 @@
 #   METHODS="fixmatch" HARD_WEIGHT=0.75 bash run_lt.sh   # SeMi's entropy hard-example weighting
 #   DRY_RUN=1 SEEDS="0 1 2" bash run_lt.sh
 #   GPUS="0 1" bash run_lt.sh                        # one run per GPU in parallel (gpu_jobs.sh)
+# Relative paths (OUT_DIR, DATA_DIR, paths in EXTRA_ARGS) are taken from the current directory,
+# and the commands DRY_RUN prints work there. Every setting is checked before anything trains.
 set -euo pipefail
-cd "$(dirname "$0")"
+HERE=$(cd "$(dirname "$0")" && pwd)  # the scripts; relative paths stay relative to the caller
+DRIVER=run_lt.sh
 
 SEEDS=${SEEDS:-0}
 METHODS=${METHODS:-base entropy fixmatch}
@@ -24,14 +27,29 @@ EXTRA_ARGS=${EXTRA_ARGS:-}
 PYTHON=${PYTHON:-python}
 DRY_RUN=${DRY_RUN:-0}
 
-# shellcheck disable=SC2206  # EXTRA_ARGS is a list of flags: split on purpose
-extra=($EXTRA_ARGS)
+# shellcheck disable=SC2206  # EXTRA_ARGS is a list of flags: split on purpose (no globbing)
+set -f; extra=($EXTRA_ARGS); set +f
+# shellcheck source=checks.sh
+. "$HERE/checks.sh"
+check_dry_run
+check_counts SEEDS "$SEEDS" 0
+check_counts EPOCHS "$EPOCHS" 1
+check_counts MU "$MU" 0
+check_own_flags EXTRA_ARGS "--dataset --lt-labeled --lt-unlabeled --imb-ratio-l --imb-ratio-u \
+  --loss --mu --seed --epochs --data-dir --out --entropy-ratio --hard-weight" "${extra[@]}"
+check_fraction ENTROPY_RATIO "$ENTROPY_RATIO" open
+check_fraction HARD_WEIGHT "$HARD_WEIGHT"
+if [ -n "$HARD_WEIGHT" ] && [ "$EPOCHS" -le 5 ] && awk -v v="$HARD_WEIGHT" 'BEGIN { exit !(v > 0) }'; then
+  refuse "HARD_WEIGHT has no effect with EPOCHS $EPOCHS: the weighting starts after epoch 5"
+fi
 show() { printf '%q ' "$@"; echo; }
 run() {
   if [ "$DRY_RUN" = 1 ]; then show "$@"; else "$@"; fi
 }
 # shellcheck source=gpu_jobs.sh
-. ./gpu_jobs.sh
+. "$HERE/gpu_jobs.sh"
+LOSSES=$(methods_list)  # the --loss names of methods.STEPS
+check_words METHODS "$METHODS" "$LOSSES"
 
 #        dataset  N1   M1   gamma_l gamma_u
 SETTINGS="cifar10  1500 3000 100     100
@@ -49,7 +67,7 @@ for seed in $SEEDS; do
         tag="${loss}_hw$HARD_WEIGHT"
       fi
       out="$OUT_DIR/${dataset}_lt${n1}-${m1}-${gl}-${gu}_${tag}_s${seed}"
-      cmd=("$PYTHON" train.py --dataset "$dataset" --lt-labeled "$n1" --lt-unlabeled "$m1"
+      cmd=("$PYTHON" "$HERE/train.py" --dataset "$dataset" --lt-labeled "$n1" --lt-unlabeled "$m1"
            --imb-ratio-l "$gl" --imb-ratio-u "$gu" --loss "$loss" --mu "$MU" --seed "$seed"
            --epochs "$EPOCHS" --data-dir "$DATA_DIR" --out "$out" "${flags[@]}" "${extra[@]}")
       run_job "$out" "${cmd[@]}"
@@ -59,5 +77,5 @@ done
 
 status=0
 drain || status=1
-run "$PYTHON" evaluate.py --lt-table "$OUT_DIR"
+run "$PYTHON" "$HERE/evaluate.py" --lt-table "$OUT_DIR"
 exit $status

@@ -183,7 +183,7 @@ def test_run_lt_dry_run_lists_every_setting_and_method(tmp_path):
                        env=env)
     assert p.returncode == 0, p.stderr
     cmds = [shlex.split(l) for l in p.stdout.strip().splitlines()]
-    assert len(cmds) == 2 * 3 * 2 + 1 and cmds[-1][1:3] == ["evaluate.py", "--lt-table"]
+    assert len(cmds) == 2 * 3 * 2 + 1 and cmds[-1][1:3] == [os.path.join(HERE, "evaluate.py"), "--lt-table"]
     settings = {(c[c.index("--dataset") + 1], c[c.index("--imb-ratio-u") + 1]) for c in cmds[:-1]}
     assert settings == {("cifar10", "100"), ("cifar10", "-100"), ("cifar100", "10")}
     for c in cmds[:-1]:

@@ -423,7 +423,8 @@ def test_round_trip_query_then_train_with_labeled_idx(tiny_npz, tmp_path):
     assert sum(res["labeled_counts"]) == 6 + 5
     assert res["args"]["labeled_idx_sha256"] == sha(tmp_path / "a.txt")
     state = torch.load(tmp_path / "r1" / "last.pt", weights_only=True)
-    assert state["labeled_idx"].tolist() == [int(v) for v in outs[0].split()]
+    assert state["labeled_idx"].tolist() == [int(v) for v in outs[0].splitlines()[1:]]  # after the
+    assert outs[0].startswith("# query ")  # query id line
     table = report.table1(str(tmp_path))
     assert "| --labeled-idx | entropy |" in table and "sha256" not in table
 

@@ -139,11 +139,12 @@ def test_run_all_dry_run_lists_the_8_cells(tmp_path):
                        env=env)
     assert p.returncode == 0, p.stderr
     cmds = p.stdout.strip().splitlines()
-    assert len(cmds) == 9 and shlex.split(cmds[-1])[1:] == ["evaluate.py", "--table", str(tmp_path)]
+    assert len(cmds) == 9 and shlex.split(cmds[-1])[1:] == [os.path.join(HERE, "evaluate.py"),
+                                                            "--table", str(tmp_path)]
     cells = set()
     for c in cmds[:-1]:
         a = shlex.split(c)
-        assert a[1] == "train.py" and "--compile" in a and a[a.index("--epochs") + 1] == "3"
+        assert a[1] == os.path.join(HERE, "train.py") and "--compile" in a and a[a.index("--epochs") + 1] == "3"
         cells.add((a[a.index("--dataset") + 1], a[a.index("--labels-per-class") + 1],
                    a[a.index("--loss") + 1]))
         assert a[a.index("--out") + 1].startswith(str(tmp_path))
@@ -157,7 +158,7 @@ def test_run_all_dry_run_lists_the_8_cells(tmp_path):
 
 FAKE_PYTHON = """#!/usr/bin/env bash
 # stands in for python: train.py writes a result.json at the paper protocol, the rest is real
-if [ "$1" = train.py ]; then
+if [ "${1##*/}" = train.py ]; then
   shift
   while [ $# -gt 0 ]; do
     case $1 in --out) out=$2;; --dataset) ds=$2;; --labels-per-class) n=$2;; --loss) loss=$2;;
@@ -266,7 +267,7 @@ def test_help_documents_every_flag():
 
 STUB_PYTHON = """#!/usr/bin/env bash
 # stands in for python: train.py records when it ran on which GPU, sleeps, and fails for one cell
-if [ "$1" = train.py ]; then
+if [ "${1##*/}" = train.py ]; then
   while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done
   echo "start $CUDA_VISIBLE_DEVICES $(date +%s.%N) $out" >> "$RECORD"
   sleep 0.6

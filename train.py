@@ -263,10 +263,19 @@ class Run:
 
 def main(argv=None) -> dict:
     args = config.get_args(argv)
+    if ddp.world()[0] != 0:  # rank 0 alone writes to --out, so it alone holds the lock
+        return train(args)
+    with checkpoint.DirLock(args.out):  # one writer per run directory
+        return train(args)
+
+
+def train(args) -> dict:
     # set up: data, model, optimiser, samplers; resume if --out holds a checkpoint
     try:
         run = Run(args)
         state, f = checkpoint.load_checkpoint_all_ranks(args.out, run.rank, run.world)
+        if state is None:
+            checkpoint.refuse_finished(args.out)  # a finished run is never overwritten
     except SystemExit:
         checkpoint.remove_if_empty(args.out, getattr(args, "out_created", None))
         raise
@@ -309,6 +318,7 @@ def main(argv=None) -> dict:
                 t_log, step_log = now, run.step
             if run.rank != 0:  # the other ranks only train
                 continue
+            t_pause = time.perf_counter()
             if run.step % steps_per_eval == 0 or run.step == run.total:
                 run.guard.check()
                 run.last_test = run.evaluate()
@@ -322,6 +332,7 @@ def main(argv=None) -> dict:
                 run.save(board)
             elif args.save_every and run.step % args.save_every == 0:
                 run.save(board)
+            t_log += time.perf_counter() - t_pause  # img/s counts training time only
     except KeyboardInterrupt:
         fail(f"interrupted at step {run.step}; run the same command again to resume from the "
              f"last checkpoint in {args.out}")

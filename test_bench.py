@@ -10,6 +10,11 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def data_ops():
+    import data
+    return data.OPS
+
+
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
@@ -26,7 +31,12 @@ def test_bench_json_structure(bench):
     assert set(r) >= {"device", "threads", "torch", "augmentation", "loss", "train"}
     a = r["augmentation"]
     assert set(a) == {"batch", "rounds", "ours_strong_img_s", "ours_weak_img_s", "pil_strong_img_s",
-                      "ratio", "ratio_median_round"} and a["batch"] == 16
+                      "ratio", "ratio_median_round", "ours_strong_cpu_img_s",
+                      "pil_strong_cpu_img_s", "ratio_cpu"} and a["batch"] == 16
+    ops = r["ops"]["ops"]  # every op but Identity against PIL, and the weak view and Cutout
+    assert set(ops) == (set(data_ops()) - {"Identity"}) | {"weak", "cutout"}
+    assert all(set(o) == {"ours_ms", "ours_cpu_ms", "pil_ms", "pil_cpu_ms", "ratio", "ratio_cpu"}
+               for k, o in ops.items() if k not in ("weak", "cutout"))
     assert [l["rows"] for l in r["loss"]] == [10 + 64 + 2 * 448, 100 + 64 + 2 * 448]
     assert [(t["method"], t["k"]) for t in r["train"]] == [
         ("entropy", 10), ("entropy", 100), ("fixmatch", 10), ("fixmatch", 100)]
@@ -38,6 +48,11 @@ def test_bench_ratios_come_from_its_own_timings(bench):
     r, _ = bench
     a = r["augmentation"]
     assert a["ratio"] == pytest.approx(a["ours_strong_img_s"] / a["pil_strong_img_s"], rel=1e-9)
+    assert a["ratio_cpu"] == pytest.approx(a["ours_strong_cpu_img_s"] / a["pil_strong_cpu_img_s"])
+    for o in r["ops"]["ops"].values():
+        if "pil_ms" in o:
+            assert o["ratio"] == pytest.approx(o["pil_ms"] / o["ours_ms"])
+            assert o["ratio_cpu"] == pytest.approx(o["pil_cpu_ms"] / o["ours_cpu_ms"])
     for l in r["loss"]:
         assert l["pair_vs_plain"] == pytest.approx(l["pair_weighted_ms"] / l["plain_supcon_ms"])
     for t in r["train"]:

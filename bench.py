@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import sys
 import tempfile
 import time
 
@@ -185,11 +186,11 @@ def bench_loss(dev: torch.device, k: int, repeat: int) -> dict:
 
 
 def bench_train(dev: torch.device, k: int, steps: int, arch: str, compile_: bool, tmp: str,
-                method: str = "entropy") -> dict:
+                method: str = "entropy", extra: tuple = (), n: int = 4096) -> dict:
+    """extra: more train.py flags, n: training images (the check's CPU form makes both tiny)."""
     import methods
     import train
-    path = os.path.join(tmp, f"synthetic{k}.npz")
-    n = 4096
+    path = os.path.join(tmp, f"synthetic{k}_{n}.npz")
     rng = np.random.default_rng(0)
     np.savez(path, x_train=synthetic_images(n), y_train=rng.integers(0, k, n),
              x_test=synthetic_images(256, seed=1), y_test=rng.integers(0, k, 256))
@@ -197,7 +198,7 @@ def bench_train(dev: torch.device, k: int, steps: int, arch: str, compile_: bool
                            "--device", str(dev), "--out", os.path.join(tmp, f"run{k}_{method}"),
                            "--loss", method]
                           + (["--entropy-ratio", "0.2"] if method == "entropy" else [])
-                          + (["--compile"] if compile_ else []))
+                          + (["--compile"] if compile_ else []) + list(extra))
     run = train.Run(args)
     warmup = 3 if compile_ else 1
     if dev.type == "cuda":
@@ -274,6 +275,12 @@ def main() -> None:
                    help="--loss values timed in (2), space-separated")
     p.add_argument("--ks", default="10 100", help="numbers of classes K timed in (2)")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    p.add_argument("--check", action="store_true",
+                   help="run the prepared check of the training path instead (docs/speed.md): "
+                        "python bench.py --check --help")
+    if "--check" in sys.argv[1:]:  # the check has its own options
+        import gpu_check
+        sys.exit(gpu_check.main([a for a in sys.argv[1:] if a != "--check"]))
     args = p.parse_args()
     dev = torch.device(args.device)
     torch.set_num_threads(args.threads)

@@ -502,9 +502,12 @@ def _lookup(x: torch.Tensor, op: torch.Tensor, v: torch.Tensor, present=LOOKUP) 
         stretched = torch.floor(i * scale - lo * scale).clamp(0, 255)
         lut = torch.where((o == OP["AutoContrast"]) & (hi > lo), stretched, lut)
     if OP["Equalize"] in present:  # PIL: step = (count - count of the last nonzero bin) // 255,
-        hist = torch.zeros(n, c, 256, device=x.device, dtype=torch.float64)  # lut[i] =
-        hist.scatter_add_(2, xl, torch.ones_like(hist[:1, :1, :1]).expand_as(xl))  # (step // 2 +
-        last = hist.gather(2, hi_x.long().unsqueeze(2))                     # #pixels < i) // step
+        # lut[i] = (step // 2 + #pixels < i) // step, in Python integers. The histogram is
+        # counted in int64 (per pixel: no float64 atomics on a GPU), the 256-entry table is
+        # computed in double, which holds these integers and their floor divisions exactly
+        hist = torch.zeros(n, c, 256, device=x.device, dtype=torch.long)
+        hist = hist.scatter_add_(2, xl, torch.ones_like(hist[:1, :1, :1]).expand_as(xl)).double()
+        last = hist.gather(2, hi_x.long().unsqueeze(2))
         step_eq = torch.floor((h * w - last) / 255.0)
         below = torch.cumsum(hist, 2) - hist
         equalized = torch.floor((torch.floor(step_eq / 2) + below) / step_eq.clamp(min=1))

@@ -21,6 +21,7 @@ On CPU everything runs at tiny sizes (wrn-10-1, 16 x 16 images, a few steps, one
 and "device" is the CPU: the check then proves the machinery, not a GPU.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -69,10 +70,16 @@ def rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
-def exact_fp32() -> None:
-    """fp32 means fp32 on CUDA too: no TF32 in convolutions and matrix products."""
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+@contextlib.contextmanager
+def exact_fp32():
+    """fp32 means fp32 on CUDA too: no TF32 in convolutions and matrix products (restored after,
+    so that the speed check times the defaults training runs with)."""
+    was = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = was
 
 
 # ---------------------------------------------------------------- the runs the checks use
@@ -125,7 +132,11 @@ def step_on(run, batch: tuple, view_sizes: list) -> dict:
 def check_equivalence(c: dict, dataset: str, dev: torch.device, tmp: str, compile_: bool) -> dict:
     """Per method: the CPU fp32 step and the device fp32 / autocast / compiled steps on one
     batch (drawn on the CPU) from the same initial weights and method state."""
-    exact_fp32()
+    with exact_fp32():
+        return _equivalence(c, dataset, dev, tmp, compile_)
+
+
+def _equivalence(c: dict, dataset: str, dev: torch.device, tmp: str, compile_: bool) -> dict:
     res, bad = {}, []
     for m in METHODS:
         ref_run = make_run(train_argv(c, dataset, m, "cpu", f"{tmp}/eq_{m}_cpu", "--no-amp"))
@@ -134,7 +145,8 @@ def check_equivalence(c: dict, dataset: str, dev: torch.device, tmp: str, compil
         variants = [("fp32", ["--no-amp"], None), ("amp", ["--amp"], None)]
         if dev.type == "cuda":
             variants.append(("fp16_scaler", ["--amp"], torch.float16))
-        if compile_ and (dev.type == "cuda" or m == "entropy"):  # CPU: one method (slow)
+        if compile_ and m == "entropy":  # one method: compiling is slow, the speed check
+            # compiles every method again (in the precision training uses)
             variants.append(("compiled", ["--no-amp", "--compile"], None))
         runs = {}
         for name, flags, force in variants:
@@ -279,13 +291,13 @@ def torchrun_worker(argv: list) -> None:
     """Inside torchrun (or alone): a few training steps; rank 0 writes the losses as JSON."""
     import ddp
     out, steps, train_args = argv[0], int(argv[1]), argv[2:]
-    exact_fp32()
-    run = make_run(train_args)
     losses = []
-    for _ in range(steps):
-        before = run.stats[0].item()
-        run.train_step()
-        losses.append(run.stats[0].item() - before)
+    with exact_fp32():
+        run = make_run(train_args)
+        for _ in range(steps):
+            before = run.stats[0].item()
+            run.train_step()
+            losses.append(run.stats[0].item() - before)
     import torch.distributed as dist
     info = {"losses": losses, "world_size": run.world,
             "backend": dist.get_backend() if dist.is_initialized() else None,

@@ -22,6 +22,7 @@ and "device" is the CPU: the check then proves the machinery, not a GPU.
 """
 import argparse
 import contextlib
+import io
 import json
 import math
 import os
@@ -179,7 +180,8 @@ def _equivalence(c: dict, dataset: str, dev: torch.device, tmp: str, compile_: b
         return max(e for r in res.values() for w, e in r["relative_errors"].items() if kind in w)
     return {"ok": not bad, "methods": res, "detail": "; ".join(bad) if bad else
             f"{len(METHODS)} methods; largest relative differences: fp32 vs CPU "
-            f"{max(worst('fp32 loss'), worst('fp32 grad')):.1e}, autocast vs fp32 {worst('amp'):.1e}"
+            f"{max(worst('fp32 loss'), worst('fp32 grad')):.1e}, "
+            f"autocast vs fp32 {worst('amp'):.1e}"
             + (f", fp16 + GradScaler {worst('fp16'):.1e}" if dev.type == "cuda" else "")
             + (f", compiled vs eager {worst('compiled'):.1e}" if compile_ else "")}
 
@@ -230,10 +232,29 @@ def check_speed(c: dict, dev: torch.device, tmp: str, compile_: bool) -> dict:
     best = max(rows, key=lambda r: r["steps_s"] if r["method"] == "entropy" else 0)
     ok = all(math.isfinite(r["steps_s"]) and r["steps_s"] > 0 for r in rows)
     return {"ok": ok, "rows": rows, "target_steps_s": TARGET_STEPS_S,
-            "detail": f"entropy {best['steps_s']:.2f} steps/s ({'compiled' if best['compile'] else 'eager'}), "
+            "detail": f"entropy {best['steps_s']:.2f} steps/s "
+                      f"({'compiled' if best['compile'] else 'eager'}), "
                       f"{best['hours_262144_steps']:.1f} h per Table 1 cell; target "
                       f"{TARGET_STEPS_S:.0f} steps/s is {best['gap_to_target']:.1f}x away"
                       + ("" if dev.type == "cuda" else " (CPU form: tiny batch, not comparable)")}
+
+
+@contextlib.contextmanager
+def deterministic():
+    """What DETERMINISTIC_TRAIN sets up, in this process, undone after."""
+    import train
+    was, init = torch.are_deterministic_algorithms_enabled(), train.Run.__init__
+
+    def no_autotune(self, args):
+        init(self, args)
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    train.Run.__init__ = no_autotune
+    try:
+        yield
+    finally:
+        train.Run.__init__ = init
+        torch.use_deterministic_algorithms(was)
 
 
 def run_train(argv: list, env: dict, kill_at: int | None = None) -> tuple[int, str]:
@@ -258,9 +279,12 @@ def check_resume(c: dict, dataset: str, dev: torch.device, tmp: str, env: dict) 
     extra = ["--epochs", "2", "--steps-per-epoch", str(half), "--save-every", str(c["save_every"]),
              "--log-every", str(c["log_every"])]
     argv = lambda out: train_argv(c, dataset, "entropy", str(dev), out, *extra)  # noqa: E731
-    rc, log = run_train(argv(f"{tmp}/ref"), env)
-    if rc != 0:
-        return {"ok": False, "detail": f"the uninterrupted run failed: {log.strip()[-300:]}"}
+    try:  # the uninterrupted run here, in this process (one process start less)
+        with deterministic(), contextlib.redirect_stdout(io.StringIO()):
+            import train
+            train.main(argv(f"{tmp}/ref"))
+    except SystemExit as e:
+        return {"ok": False, "detail": f"the uninterrupted run failed: {e}"}
     rc, log = run_train(argv(f"{tmp}/killed"), env, kill_at=c["kill_at"])
     if rc != -signal.SIGKILL:
         return {"ok": False, "detail": f"the run to kill ended by itself (status {rc})"}
@@ -281,7 +305,8 @@ def check_resume(c: dict, dataset: str, dev: torch.device, tmp: str, env: dict) 
                     worst = math.inf
     same_history = ref["history"] == got["history"]
     ok = bitwise or worst <= TOL["resume_param"]
-    how = "bitwise identical" if bitwise else f"not bitwise: largest relative difference {worst:.1e}"
+    how = ("bitwise identical" if bitwise else
+           f"not bitwise: largest relative difference {worst:.1e}")
     return {"ok": ok, "bitwise": bitwise, "max_rel_param_diff": worst, "same_history": same_history,
             "detail": f"{c['run_steps']} steps, killed after step {c['kill_at']}, resumed: {how}"
                       f" (test accuracy history {'equal' if same_history else 'differs'})"}

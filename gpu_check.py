@@ -394,6 +394,8 @@ def main(argv=None) -> int:
         p.error("--device cuda, but torch sees no GPU (a CPU-only torch build, or no driver); "
                 "use --device cpu for the reduced form")
     form = "gpu" if dev.type == "cuda" else "cpu"
+    # deterministic cuBLAS for the resume check's run in this process (read when cuBLAS starts)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     c = dict(FORMS[form], data_dir=a.data_dir)
     env = dict(os.environ, PYTHONUNBUFFERED="1", CUBLAS_WORKSPACE_CONFIG=":4096:8")
     if form == "cpu":

@@ -92,7 +92,8 @@ def pil_op(img, name: str, v: float):
             "Equalize": lambda: ImageOps.equalize(img), "Identity": lambda: img,
             "Posterize": lambda: ImageOps.posterize(img, int(v)), "Rotate": lambda: img.rotate(v),
             "Sharpness": lambda: ImageEnhance.Sharpness(img).enhance(v),
-            "ShearX": lambda: affine((1, v, 0, 0, 1, 0)), "ShearY": lambda: affine((1, 0, 0, v, 1, 0)),
+            "ShearX": lambda: affine((1, v, 0, 0, 1, 0)),
+            "ShearY": lambda: affine((1, 0, 0, v, 1, 0)),
             "Solarize": lambda: ImageOps.solarize(img, v),
             "TranslateX": lambda: affine((1, 0, v * img.size[0], 0, 1, 0)),
             "TranslateY": lambda: affine((1, 0, 0, 0, 1, v * img.size[1]))}[name]()
@@ -148,7 +149,8 @@ def bench_ops(dev: torch.device, batch: int, repeat: int) -> dict:
             r[0].append(ours)
             r[1].append(pil)
         gd = torch.Generator(dev).manual_seed(0)
-        for name, fn in (("weak", lambda: data.weak(x, gd)), ("cutout", lambda: data.cutout(x, gd))):
+        for name, fn in (("weak", lambda: data.weak(x, gd)),
+                         ("cutout", lambda: data.cutout(x, gd))):
             rows.setdefault(name, [[], None])[0].append(timed(fn, dev, 3))
     out = {}
     for name, (ours, pil) in rows.items():
@@ -156,7 +158,8 @@ def bench_ops(dev: torch.device, batch: int, repeat: int) -> dict:
         if pil is not None:
             o["pil_ms"] = 1e3 * min(t[0] for t in pil)
             o["pil_cpu_ms"] = 1e3 * min(t[1] for t in pil)
-            o["ratio"], o["ratio_cpu"] = o["pil_ms"] / o["ours_ms"], o["pil_cpu_ms"] / o["ours_cpu_ms"]
+            o["ratio"] = o["pil_ms"] / o["ours_ms"]
+            o["ratio_cpu"] = o["pil_cpu_ms"] / o["ours_cpu_ms"]
         out[name] = o
     return {"batch": batch, "rounds": repeat, "ops": out}
 
@@ -242,8 +245,8 @@ def aug_and_loss(res: dict, dev: torch.device, aug_batch: int, repeat: int, name
     print(f"    in thread CPU time: ours {a['ours_strong_cpu_img_s']:.0f} img/s, PIL "
           f"{a['pil_strong_cpu_img_s']:.0f} img/s, ratio {a['ratio_cpu']:.1f} x")
     res["ops"] = o = bench_ops(dev, aug_batch, repeat)
-    print(f"\n(1b) per op, {o['batch']} images all with that op (a strong batch gives each op about "
-          f"3/14 of its images), fastest of {o['rounds']} rounds; ms wall (ms thread CPU)")
+    print(f"\n(1b) per op, {o['batch']} images all with that op (a strong batch gives each op "
+          f"about 3/14 of its images), fastest of {o['rounds']} rounds; ms wall (ms thread CPU)")
     print(f"    {'op':13s} {'ours':>17s} {'PIL per sample':>19s} {'ratio':>14s}")
     for k, r in o["ops"].items():
         print(f"    {k:13s} {r['ours_ms']:7.2f} ({r['ours_cpu_ms']:7.2f})"

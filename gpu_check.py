@@ -1,4 +1,4 @@
-"""The prepared check of a machine's training path (docs/speed.md#the-check): run it first on a
+"""The prepared check of a machine's training path (docs/speed.md, "The check"): run it first on a
 new GPU. It proves the CUDA path or names what is wrong, and records the speed.
 
     python bench.py --check                          # every local GPU; the reduced form on CPU

@@ -195,7 +195,8 @@ def strong_before(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     n = x.shape[0]
     ops = torch.randint(0, len(OPS), (3, n), generator=g)
     u = torch.rand(3, n, generator=g)
-    lo, hi = _const(data.LOW, x.device, torch.float32)[ops], _const(data.HIGH, x.device, torch.float32)[ops]
+    lo = _const(data.LOW, x.device, torch.float32)[ops]
+    hi = _const(data.HIGH, x.device, torch.float32)[ops]
     for j in range(3):
         x = apply_ops(x, ops[j], lo[j] + (hi[j] - lo[j]) * u[j], inplace=True)
     return data.cutout(x, g)

@@ -14,6 +14,7 @@
 import argparse
 import os
 import resource
+import sys
 import tempfile
 import time
 
@@ -34,18 +35,25 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def timeit(fn, dev, repeat: int, warmup: int = 1) -> float:
-    """Median seconds per call."""
+def timed(fn, dev, repeat: int, warmup: int = 1) -> tuple[float, float]:
+    """Median seconds per call: wall clock, and CPU time of this thread (time.thread_time, which
+    other processes on a shared machine barely affect; meaningful with one torch thread)."""
     for _ in range(warmup):
         fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeat):
         sync(dev)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         fn()
         sync(dev)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.thread_time() - c)
+    return float(np.median(wall)), float(np.median(cpu))
+
+
+def timeit(fn, dev, repeat: int, warmup: int = 1) -> float:
+    """Median wall-clock seconds per call."""
+    return timed(fn, dev, repeat, warmup)[0]
 
 
 def synthetic_images(n: int, seed: int = 0, size: int = 32) -> np.ndarray:
@@ -73,9 +81,28 @@ def pil_strong_pipeline():
                       T.RandAugment(num_ops=3), T.Lambda(cutout), T.PILToTensor()])
 
 
+def pil_op(img, name: str, v: float):
+    """One RandAugment op on a PIL image, as USB calls PIL (the reference of the per-op timings)."""
+    from PIL import Image, ImageEnhance, ImageOps
+    affine = lambda m: img.transform(img.size, Image.AFFINE, m)  # noqa: E731
+    return {"AutoContrast": lambda: ImageOps.autocontrast(img),
+            "Brightness": lambda: ImageEnhance.Brightness(img).enhance(v),
+            "Color": lambda: ImageEnhance.Color(img).enhance(v),
+            "Contrast": lambda: ImageEnhance.Contrast(img).enhance(v),
+            "Equalize": lambda: ImageOps.equalize(img), "Identity": lambda: img,
+            "Posterize": lambda: ImageOps.posterize(img, int(v)), "Rotate": lambda: img.rotate(v),
+            "Sharpness": lambda: ImageEnhance.Sharpness(img).enhance(v),
+            "ShearX": lambda: affine((1, v, 0, 0, 1, 0)),
+            "ShearY": lambda: affine((1, 0, 0, v, 1, 0)),
+            "Solarize": lambda: ImageOps.solarize(img, v),
+            "TranslateX": lambda: affine((1, 0, v * img.size[0], 0, 1, 0)),
+            "TranslateY": lambda: affine((1, 0, 0, 0, 1, v * img.size[1]))}[name]()
+
+
 def bench_augmentation(dev: torch.device, batch: int, repeat: int) -> dict:
     """Ours and PIL are timed in alternating rounds and the fastest round of each is kept: on a
-    shared machine, interference only ever adds time, and alternating exposes both to it."""
+    shared machine, interference only ever adds time, and alternating exposes both to it. Each
+    is also timed in CPU time of this thread (`*_cpu_*`), far less sensitive to other processes."""
     from PIL import Image
     x_np = synthetic_images(batch)
     x = data.to_tensor_images(x_np, dev)
@@ -83,13 +110,58 @@ def bench_augmentation(dev: torch.device, batch: int, repeat: int) -> dict:
     pipeline, imgs = pil_strong_pipeline(), [Image.fromarray(a) for a in x_np]
     t_ours, t_weak, t_pil, ratios = [], [], [], []
     for _ in range(repeat):
-        t_ours.append(timeit(lambda: data.strong(x, g), dev, 3, warmup=1 if t_ours else 2))
+        t_ours.append(timed(lambda: data.strong(x, g), dev, 3, warmup=1 if t_ours else 2))
         t_weak.append(timeit(lambda: data.weak(x, g), dev, 3))
-        t_pil.append(timeit(lambda: [pipeline(im) for im in imgs], torch.device("cpu"), 1, 0))
-        ratios.append(t_pil[-1] / t_ours[-1])
-    return {"batch": batch, "rounds": repeat, "ours_strong_img_s": batch / min(t_ours),
-            "ours_weak_img_s": batch / min(t_weak), "pil_strong_img_s": batch / min(t_pil),
-            "ratio": min(t_pil) / min(t_ours), "ratio_median_round": float(np.median(ratios))}
+        t_pil.append(timed(lambda: [pipeline(im) for im in imgs], torch.device("cpu"), 1, 0))
+        ratios.append(t_pil[-1][0] / t_ours[-1][0])
+    ours, pil = min(t[0] for t in t_ours), min(t[0] for t in t_pil)
+    ours_cpu, pil_cpu = min(t[1] for t in t_ours), min(t[1] for t in t_pil)
+    return {"batch": batch, "rounds": repeat, "ours_strong_img_s": batch / ours,
+            "ours_weak_img_s": batch / min(t_weak), "pil_strong_img_s": batch / pil,
+            "ratio": pil / ours, "ratio_median_round": float(np.median(ratios)),
+            "ours_strong_cpu_img_s": batch / ours_cpu, "pil_strong_cpu_img_s": batch / pil_cpu,
+            "ratio_cpu": pil_cpu / ours_cpu}
+
+
+def bench_ops(dev: torch.device, batch: int, repeat: int) -> dict:
+    """Per-op cost: each op applied to a whole batch (data.apply_ops, every image the same op at
+    its own magnitude, uniform over the op's range) vs per-sample PIL on the same images and
+    magnitudes, in alternating rounds (fastest kept), wall clock and thread CPU time; also the
+    weak augmentation and Cutout. A strong batch applies each op to about 3/14 of its images."""
+    from PIL import Image
+    x_np = synthetic_images(batch)
+    x = data.to_tensor_images(x_np, dev)
+    imgs = [Image.fromarray(a) for a in x_np]
+    g = torch.Generator().manual_seed(0)
+    rows = {}
+    for _ in range(repeat):
+        for name in data.OPS:
+            if name == "Identity":
+                continue
+            lo, hi = data.RANGES[name]
+            v = lo + (hi - lo) * torch.rand(batch, generator=g)
+            op = torch.full((batch,), data.OP[name], device=dev)
+            vd, vl = v.to(dev), v.tolist()
+            ours = timed(lambda: data.apply_ops(x, op, vd), dev, 3)
+            pil = timed(lambda: [pil_op(im, name, m) for im, m in zip(imgs, vl)],
+                        torch.device("cpu"), 1, 0)
+            r = rows.setdefault(name, [[], []])
+            r[0].append(ours)
+            r[1].append(pil)
+        gd = torch.Generator(dev).manual_seed(0)
+        for name, fn in (("weak", lambda: data.weak(x, gd)),
+                         ("cutout", lambda: data.cutout(x, gd))):
+            rows.setdefault(name, [[], None])[0].append(timed(fn, dev, 3))
+    out = {}
+    for name, (ours, pil) in rows.items():
+        o = {"ours_ms": 1e3 * min(t[0] for t in ours), "ours_cpu_ms": 1e3 * min(t[1] for t in ours)}
+        if pil is not None:
+            o["pil_ms"] = 1e3 * min(t[0] for t in pil)
+            o["pil_cpu_ms"] = 1e3 * min(t[1] for t in pil)
+            o["ratio"] = o["pil_ms"] / o["ours_ms"]
+            o["ratio_cpu"] = o["pil_cpu_ms"] / o["ours_cpu_ms"]
+        out[name] = o
+    return {"batch": batch, "rounds": repeat, "ops": out}
 
 
 def bench_loss(dev: torch.device, k: int, repeat: int) -> dict:
@@ -117,11 +189,11 @@ def bench_loss(dev: torch.device, k: int, repeat: int) -> dict:
 
 
 def bench_train(dev: torch.device, k: int, steps: int, arch: str, compile_: bool, tmp: str,
-                method: str = "entropy") -> dict:
+                method: str = "entropy", extra: tuple = (), n: int = 4096) -> dict:
+    """extra: more train.py flags, n: training images (the check's CPU form makes both tiny)."""
     import methods
     import train
-    path = os.path.join(tmp, f"synthetic{k}.npz")
-    n = 4096
+    path = os.path.join(tmp, f"synthetic{k}_{n}.npz")
     rng = np.random.default_rng(0)
     np.savez(path, x_train=synthetic_images(n), y_train=rng.integers(0, k, n),
              x_test=synthetic_images(256, seed=1), y_test=rng.integers(0, k, 256))
@@ -129,7 +201,7 @@ def bench_train(dev: torch.device, k: int, steps: int, arch: str, compile_: bool
                            "--device", str(dev), "--out", os.path.join(tmp, f"run{k}_{method}"),
                            "--loss", method]
                           + (["--entropy-ratio", "0.2"] if method == "entropy" else [])
-                          + (["--compile"] if compile_ else []))
+                          + (["--compile"] if compile_ else []) + list(extra))
     run = train.Run(args)
     warmup = 3 if compile_ else 1
     if dev.type == "cuda":
@@ -170,6 +242,16 @@ def aug_and_loss(res: dict, dev: torch.device, aug_batch: int, repeat: int, name
     print(f"    PIL per sample (CPU)     {a['pil_strong_img_s']:10.0f} img/s")
     print(f"    ratio                    {a['ratio']:10.1f} x   (median over {a['rounds']} "
           f"alternating rounds: {a['ratio_median_round']:.1f} x)")
+    print(f"    in thread CPU time: ours {a['ours_strong_cpu_img_s']:.0f} img/s, PIL "
+          f"{a['pil_strong_cpu_img_s']:.0f} img/s, ratio {a['ratio_cpu']:.1f} x")
+    res["ops"] = o = bench_ops(dev, aug_batch, repeat)
+    print(f"\n(1b) per op, {o['batch']} images all with that op (a strong batch gives each op "
+          f"about 3/14 of its images), fastest of {o['rounds']} rounds; ms wall (ms thread CPU)")
+    print(f"    {'op':13s} {'ours':>17s} {'PIL per sample':>19s} {'ratio':>14s}")
+    for k, r in o["ops"].items():
+        print(f"    {k:13s} {r['ours_ms']:7.2f} ({r['ours_cpu_ms']:7.2f})"
+              + (f" {r['pil_ms']:8.2f} ({r['pil_cpu_ms']:8.2f}) {r['ratio']:5.1f} x "
+                 f"({r['ratio_cpu']:5.1f} x)" if "pil_ms" in r else ""))
 
     res["loss"] = []
     print("\n(3) loss forward + backward, D = 128")
@@ -196,6 +278,12 @@ def main() -> None:
                    help="--loss values timed in (2), space-separated")
     p.add_argument("--ks", default="10 100", help="numbers of classes K timed in (2)")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    p.add_argument("--check", action="store_true",
+                   help="run the prepared check of the training path instead (docs/speed.md): "
+                        "python bench.py --check --help")
+    if "--check" in sys.argv[1:]:  # the check has its own options
+        import gpu_check
+        sys.exit(gpu_check.main([a for a in sys.argv[1:] if a != "--check"]))
     args = p.parse_args()
     dev = torch.device(args.device)
     torch.set_num_threads(args.threads)

@@ -358,33 +358,15 @@ def _const(values: tuple, device: torch.device, dtype: torch.dtype = torch.long)
     return torch.tensor(values, device=device, dtype=dtype)
 
 
-def _gather_pixels(x: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor) -> torch.Tensor:
-    """out[n, c, y, x] = x[n, c, iy[n, y, x], ix[n, y, x]], 0 where (iy, ix) is outside the
-    image. iy, ix hold integers as float32: index arithmetic in float32 is exact here and about
-    2x cheaper than in int64 on CPU."""
-    n, c, h, w = x.shape
-    ixc, iyc = ix.clamp(0, w - 1), iy.clamp(0, h - 1)
-    valid = (ixc == ix) & (iyc == iy)  # unchanged by the clamp = inside
-    idx = torch.addcmul(ixc, iyc, torch.full_like(iyc[:1, :1, :1], w)).long()
-    out = x.reshape(n, c, h * w).gather(2, idx.view(n, 1, h * w).expand(n, c, h * w))
-    return out.view(n, c, h, w) * valid.unsqueeze(1)  # black outside; a multiply beats where on CPU
-
-
 def _pil_round15(t: torch.Tensor) -> torch.Tensor:
     """PIL's Image.rotate rounds cos and sin to 15 decimals (Python's round(v, 15))."""
     return torch.round(t * 1e15) / 1e15
 
 
-def _affine(x: torch.Tensor, op: torch.Tensor, v: torch.Tensor, present=AFFINE) -> torch.Tensor:
-    """Rotate / ShearX / ShearY / TranslateX / TranslateY exactly as PIL's Image.transform(AFFINE)
-    and Image.rotate do with NEAREST. Output pixel (x, y) reads input (a x' + b y' + c,
-    d x' + e y' + f) at the pixel centre (x', y') = (x + .5, y + .5), with PIL's arithmetic:
-    the coefficients in double precision (Rotate's cos / sin rounded to 15 decimals, about the
-    centre (w/2, h/2)); a map with b = d = 0 (translations) by PIL's scaling path, floor of the
-    double coordinate; any other (rotations, shears) by PIL's 16.16 fixed-point path, where
-    each coefficient is rounded to a multiple of 1/65536 and the coordinate is shifted right
-    by 16. Black outside."""
-    n, _, h, w = x.shape
+def _affine_coefficients(op: torch.Tensor, v: torch.Tensor, h: int, w: int, present) -> list:
+    """Per image (a, b, c, d, e, f) of the map (x, y) -> (a x + b y + c, d x + e y + f) that PIL
+    builds, in double precision as PIL's Python floats: the magnitude, Rotate's cos / sin
+    rounded to 15 decimals, about the centre (w/2, h/2). Identity for images with another op."""
     v = v.double()  # the magnitude as PIL receives it: a Python float
     one, zero = torch.ones_like(v), torch.zeros_like(v)
     a, b, c, d, e, f = one, zero, zero, zero, one, zero
@@ -405,19 +387,48 @@ def _affine(x: torch.Tensor, op: torch.Tensor, v: torch.Tensor, present=AFFINE) 
         d, e = torch.where(rot, -sin, d), torch.where(rot, cos, e)
         c = torch.where(rot, (cos * -cx + sin * -cy) + cx, c)
         f = torch.where(rot, (-sin * -cx + cos * -cy) + cy, f)
-    p = [t.view(n, 1, 1) for t in (a, b, c, d, e, f)]
-    ys = torch.arange(h, device=x.device, dtype=torch.float64).view(1, h, 1)
-    xs = torch.arange(w, device=x.device, dtype=torch.float64).view(1, 1, w)
-    # PIL's scaling path (ImagingScaleAffine): floor(c + a/2 + a x), floor(f + e/2 + e y)
-    x_in = (p[2] + p[0] * 0.5) + xs * p[0]
-    y_in = (p[5] + p[4] * 0.5) + ys * p[4]
-    # PIL's fixed-point path (affine_fixed): integers in double are exact here (< 2^53)
-    fix = [torch.floor(t * 65536.0 + 0.5) for t in
-           (p[0], p[1], p[2] + p[0] * 0.5 + p[1] * 0.5, p[3], p[4], p[5] + p[3] * 0.5 + p[4] * 0.5)]
-    fixed = ((b != 0) | (d != 0)).view(n, 1, 1)
-    x_in = torch.where(fixed, (fix[2] + ys * fix[1] + xs * fix[0]) / 65536.0, x_in)
-    y_in = torch.where(fixed, (fix[5] + ys * fix[4] + xs * fix[3]) / 65536.0, y_in)
-    return _gather_pixels(x, y_in.floor_().float(), x_in.floor_().float())
+    return [t.view(-1, 1, 1) for t in (a, b, c, d, e, f)]
+
+
+def _affine(x: torch.Tensor, op: torch.Tensor, v: torch.Tensor, present=AFFINE) -> torch.Tensor:
+    """Rotate / ShearX / ShearY / TranslateX / TranslateY exactly as PIL's Image.transform(AFFINE)
+    and Image.rotate do with NEAREST. Output pixel (x, y) reads input (a x' + b y' + c,
+    d x' + e y' + f) at the pixel centre (x', y') = (x + .5, y + .5), with PIL's arithmetic:
+    a map with b = d = 0 (translations) by PIL's scaling path, floor of the double coordinate
+    floor(c + a/2 + a x) (a function of x alone) and floor(f + e/2 + e y) (of y alone); any
+    other (rotations, shears) by PIL's 16.16 fixed-point path: each coefficient rounded to an
+    integer number of 1/65536, the coordinate (A2 + A1 y + A0 x) >> 16 in integers. Black outside.
+
+    Float64 is used only where PIL uses doubles: the n x 6 coefficients and the scaling path's
+    h + w coordinates per image. The h x w per-pixel work is int32: one row term (n, h, 1) plus
+    one column term (n, 1, w), a shift, a clamp into a 1-pixel black border, one gather."""
+    n, ch, h, w = x.shape
+    p = _affine_coefficients(op, v, h, w, present)
+    dev = x.device
+    ys = torch.arange(h, device=dev, dtype=torch.float64).view(1, h, 1)
+    xs = torch.arange(w, device=dev, dtype=torch.float64).view(1, 1, w)
+    # the scaling path, separable; + 1 for the black border, and anything outside lands on it
+    sx = torch.floor((p[2] + p[0] * 0.5) + xs * p[0]).clamp_(-1, w) + 1
+    sy = torch.floor((p[5] + p[4] * 0.5) + ys * p[4]).clamp_(-1, h) + 1
+    if OP["Rotate"] in present or OP["ShearX"] in present or OP["ShearY"] in present:
+        # the fixed-point path: FIX(t) = floor(t * 65536 + 0.5), integers exact in double;
+        # images on the scaling path get row term sy << 16 (y) and column term sx << 16 (x)
+        fix = [torch.floor(t * 65536.0 + 0.5) for t in
+               (p[0], p[1], p[2] + p[0] * 0.5 + p[1] * 0.5, p[3], p[4],
+                p[5] + p[3] * 0.5 + p[4] * 0.5)]
+        fixed = (p[1] != 0) | (p[3] != 0)
+        x_row = torch.where(fixed, (fix[2] + 65536.0) + ys * fix[1], 0.0).to(torch.int32)
+        x_col = torch.where(fixed, xs * fix[0], sx * 65536.0).to(torch.int32)
+        y_row = torch.where(fixed, (fix[5] + 65536.0) + ys * fix[4], sy * 65536.0).to(torch.int32)
+        y_col = torch.where(fixed, xs * fix[3], 0.0).to(torch.int32)
+        ix = ((x_row + x_col) >> 16).clamp_(0, w + 1)
+        iy = ((y_row + y_col) >> 16).clamp_(0, h + 1)
+        idx = (iy * (w + 2)).add_(ix)
+    else:
+        idx = (sy * (w + 2)).to(torch.int32) + sx.to(torch.int32)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1)).view(n, ch, (h + 2) * (w + 2))
+    idx = idx.long().view(n, 1, h * w).expand(n, ch, h * w)
+    return padded.gather(2, idx).view(n, ch, h, w)
 
 
 def _grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -429,11 +440,13 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
 def _smooth(x: torch.Tensor) -> torch.Tensor:
     """PIL ImageFilter.SMOOTH: 3x3 kernel [1 1 1; 1 5 1; 1 1 1] / 13, rounded; border pixels kept.
     Written as a 3x3 box sum plus 4x the centre: on CPU this is ~10x faster than a depthwise conv."""
-    rows = x[:, :, :-2] + x[:, :, 1:-1] + x[:, :, 2:]
-    box = rows[:, :, :, :-2] + rows[:, :, :, 1:-1] + rows[:, :, :, 2:]
-    inner = torch.floor((box + 4.0 * x[:, :, 1:-1, 1:-1]) / 13.0 + 0.5)
+    rows = (x[:, :, :-2] + x[:, :, 1:-1]).add_(x[:, :, 2:])
+    box = (rows[:, :, :, :-2] + rows[:, :, :, 1:-1]).add_(rows[:, :, :, 2:])
+    # s = box + 4 centre is an integer (exact in float32), and (s + 6.5) / 13 lies at least
+    # 0.5 / 13 from any integer, so every float32 rounding of it has the floor of s / 13 + 0.5
+    s = box.add_(x[:, :, 1:-1, 1:-1], alpha=4.0)
     out = x.clone()
-    out[:, :, 1:-1, 1:-1] = inner
+    out[:, :, 1:-1, 1:-1] = s.add_(6.5).mul_(1.0 / 13.0).floor_()
     return out
 
 
@@ -457,7 +470,8 @@ def _enhance(x: torch.Tensor, op: torch.Tensor, v: torch.Tensor, present=ENHANCE
         deg = sum(d * (o == k) for k, d in degs.items() if k in present)
     factor = torch.where(torch.isin(op, _const(tuple(ENHANCE), op.device)), v, 1.0)
     # truncation toward zero of a non-negative float, as PIL's (UINT8) cast
-    return (deg + factor.view(-1, 1, 1, 1) * (x - deg)).clamp_(0, 255).to(torch.uint8)
+    # (x - deg) v + deg is deg + v (x - deg) bit for bit (IEEE + and * commute), in place
+    return (x - deg).mul_(factor.view(-1, 1, 1, 1)).add_(deg).clamp_(0, 255).to(torch.uint8)
 
 
 def _lookup(x: torch.Tensor, op: torch.Tensor, v: torch.Tensor, present=LOOKUP) -> torch.Tensor:
@@ -490,9 +504,12 @@ def _lookup(x: torch.Tensor, op: torch.Tensor, v: torch.Tensor, present=LOOKUP) 
         stretched = torch.floor(i * scale - lo * scale).clamp(0, 255)
         lut = torch.where((o == OP["AutoContrast"]) & (hi > lo), stretched, lut)
     if OP["Equalize"] in present:  # PIL: step = (count - count of the last nonzero bin) // 255,
-        hist = torch.zeros(n, c, 256, device=x.device, dtype=torch.float64)  # lut[i] =
-        hist.scatter_add_(2, xl, torch.ones_like(xl, dtype=torch.float64))  # (step // 2 +
-        last = hist.gather(2, hi_x.long().unsqueeze(2))                     # #pixels < i) // step
+        # lut[i] = (step // 2 + #pixels < i) // step, in Python integers. The histogram is
+        # counted in int64 (per pixel: no float64 atomics on a GPU), the 256-entry table is
+        # computed in double, which holds these integers and their floor divisions exactly
+        hist = torch.zeros(n, c, 256, device=x.device, dtype=torch.long)
+        hist = hist.scatter_add_(2, xl, torch.ones_like(hist[:1, :1, :1]).expand_as(xl)).double()
+        last = hist.gather(2, hi_x.long().unsqueeze(2))
         step_eq = torch.floor((h * w - last) / 255.0)
         below = torch.cumsum(hist, 2) - hist
         equalized = torch.floor((torch.floor(step_eq / 2) + below) / step_eq.clamp(min=1))
@@ -502,6 +519,10 @@ def _lookup(x: torch.Tensor, op: torch.Tensor, v: torch.Tensor, present=LOOKUP) 
 
 _FAMILIES = ((AFFINE, _affine), (ENHANCE, _enhance), (LOOKUP, _lookup))
 _FAMILY_OF = {k: fn for members, fn in _FAMILIES for k in members}
+# the CPU path's slices: the five affine ops together (one per-pixel formula, so one call costs
+# what five would in pixels and a fifth in small tensor ops), every other op on its own
+_GROUPS = [tuple(AFFINE)] + [(k,) for k in range(len(OPS)) if k not in AFFINE]
+_GROUP_OF = tuple(next(j for j, grp in enumerate(_GROUPS) if k in grp) for k in range(len(OPS)))
 
 
 def apply_ops(x: torch.Tensor, op: torch.Tensor, v: torch.Tensor, subset: bool | None = None,
@@ -518,18 +539,22 @@ def apply_ops(x: torch.Tensor, op: torch.Tensor, v: torch.Tensor, subset: bool |
             sel = torch.isin(op, _const(tuple(members), op.device))
             x = fn(x, torch.where(sel, op, OP["Identity"]), v)
         return x
-    # sort the images by op once, so that each op works on a contiguous slice (a view)
-    order = torch.argsort(op, stable=True)
+    # sort the images by group once, so that each group works on a contiguous slice (a view)
+    order = torch.argsort(_const(_GROUP_OF, op.device)[op], stable=True)
     counts = torch.bincount(op, minlength=len(OPS)).tolist()
     xs, op_s, v_s = x.index_select(0, order), op[order], v[order]
     start = 0
-    for k, count in enumerate(counts):
-        end = start + count
-        if count and k != OP["Identity"]:
-            xs[start:end] = _FAMILY_OF[k](xs[start:end], op_s[start:end], v_s[start:end], (k,))
+    for grp in _GROUPS:
+        present = tuple(k for k in grp if counts[k])
+        end = start + sum(counts[k] for k in grp)
+        if present and present != (OP["Identity"],):
+            xs[start:end] = _FAMILY_OF[grp[0]](xs[start:end], op_s[start:end], v_s[start:end],
+                                              present)
         start = end
     out = x if inplace else torch.empty_like(x)
-    return out.index_copy_(0, order, xs)
+    # back to the input order by the inverse permutation: on CPU index_select is several
+    # times faster than index_copy_ (a per-row loop) and gives the same tensor
+    return torch.index_select(xs, 0, torch.argsort(order), out=out)
 
 
 def flip_translate(x: torch.Tensor, flip: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor

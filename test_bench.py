@@ -12,6 +12,11 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def data_ops():
+    import data
+    return data.OPS
+
+
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
@@ -28,7 +33,12 @@ def test_bench_json_structure(bench):
     assert set(r) >= {"device", "threads", "torch", "augmentation", "loss", "train"}
     a = r["augmentation"]
     assert set(a) == {"batch", "rounds", "ours_strong_img_s", "ours_weak_img_s", "pil_strong_img_s",
-                      "ratio", "ratio_median_round"} and a["batch"] == 16
+                      "ratio", "ratio_median_round", "ours_strong_cpu_img_s",
+                      "pil_strong_cpu_img_s", "ratio_cpu"} and a["batch"] == 16
+    ops = r["ops"]["ops"]  # every op but Identity against PIL, and the weak view and Cutout
+    assert set(ops) == (set(data_ops()) - {"Identity"}) | {"weak", "cutout"}
+    assert all(set(o) == {"ours_ms", "ours_cpu_ms", "pil_ms", "pil_cpu_ms", "ratio", "ratio_cpu"}
+               for k, o in ops.items() if k not in ("weak", "cutout"))
     assert [l["rows"] for l in r["loss"]] == [10 + 64 + 2 * 448, 100 + 64 + 2 * 448]
     assert [(t["method"], t["k"]) for t in r["train"]] == [
         ("entropy", 10), ("entropy", 100), ("fixmatch", 10), ("fixmatch", 100)]
@@ -37,10 +47,15 @@ def test_bench_json_structure(bench):
 
 
 def fake_timings(monkeypatch, seconds):
-    """bench.timeit returns the given times in call order (without running anything)."""
+    """bench.timed (and so bench.timeit) returns the given times, wall and thread CPU alike, in
+    call order (without running anything)."""
     import bench
     left = list(seconds)
-    monkeypatch.setattr(bench, "timeit", lambda fn, dev, repeat, warmup=1: left.pop(0))
+
+    def fake(fn, dev, repeat, warmup=1):
+        t = left.pop(0)
+        return t, t
+    monkeypatch.setattr(bench, "timed", fake)
     return bench, left
 
 
@@ -54,6 +69,7 @@ def test_augmentation_ratio_is_pil_time_over_ours_from_the_fastest_rounds(monkey
     assert a["pil_strong_img_s"] == pytest.approx(8 / 1.0)
     assert a["ratio"] == pytest.approx(1.0 / 0.1), "ratio is not min(PIL time) / min(our time)"
     assert a["ratio_median_round"] == pytest.approx(5.0)  # median of 5, 30, 5
+    assert a["ratio_cpu"] == pytest.approx(1.0 / 0.1), "ratio_cpu is not min(PIL) / min(ours)"
 
 
 def test_loss_and_train_figures_come_from_their_own_timings(monkeypatch, tmp_path):

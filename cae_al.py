@@ -309,6 +309,7 @@ def kcenter_greedy(z: np.ndarray, labeled: np.ndarray, n: int, chunk: int = 4096
     dmin = torch.full((len(z),), math.inf, dtype=torch.float64)
     for i in range(0, len(labeled), chunk):
         dmin = torch.minimum(dmin, torch.cdist(z, z[labeled[i:i + chunk]]).min(1).values)
+    dmin[torch.from_numpy(np.asarray(labeled, dtype=np.int64))] = -1.0  # never again, even at 0
     chosen = []
     for _ in range(n):
         j = int(torch.argmax(dmin))                    # first maximum = lowest index

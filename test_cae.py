@@ -278,6 +278,8 @@ def test_kcenter_greedy_vs_loop():
     assert cae_al.kcenter_greedy(z, labeled, 8).tolist() == loop_kcenter(z.tolist(), labeled.tolist(), 8)
     zt = np.array([[0.0], [1.0], [-1.0], [5.0]])           # 1 and 2 tie; 3 is farthest
     assert cae_al.kcenter_greedy(zt, np.array([0]), 2).tolist() == [1, 3]
+    same = np.zeros((4, 2))                                 # all distances 0: still new points
+    assert cae_al.kcenter_greedy(same, np.array([1]), 3).tolist() == [0, 2, 3]
     with pytest.raises(ValueError, match="cannot query 38"):
         cae_al.kcenter_greedy(z, labeled, 38)
 
@@ -443,3 +445,42 @@ def test_wrong_image_shape_and_missing_files_are_one_line(tiny_data, tmp_path, m
     rgb = lambda *a: {**real(*a), "x_train": np.zeros((200, 16, 16, 3), np.uint8)}  # noqa: E731
     monkeypatch.setattr(data, "load_mnist_family", rgb)
     assert "square single-channel" in one_line_exit(tiny_argv(tiny_data, tmp_path / "h"))
+
+
+def test_bench_cae_reports_its_own_ratios():
+    import bench
+    r = bench.bench_cae(repeat=1, size=16, batch=32, batch_lb=16, pool=320)
+    assert r["images_s"] == pytest.approx(32e3 / r["step_ms"])
+    assert r["vs_plain"] == pytest.approx(r["images_s"] / r["plain_images_s"])
+    assert sum(r["time_share"].values()) == pytest.approx(1) and r["protocol_hours"] > 0
+
+
+def test_target_refreshed_every_update_interval_iterations(tiny_data, tmp_path, monkeypatch):
+    a = cae_al.parse_args(tiny_argv(tiny_data, tmp_path / "p", "--epochs-per-round", "3"))
+    run = cae_al.Run(a, cae_al.load(a))
+    lb = torch.from_numpy(run.labeled)
+    run.clu.init_from(cae_al.encode_all(run.cae, run.x_pool[lb]), run.y_pool[lb])
+    steps, refreshed, sizes = [0], [], []
+    real_refresh, real_step = cae_al.refresh_target, cae_al.train_step
+
+    def refresh(r):
+        refreshed.append(steps[0])
+        p = real_refresh(r)
+        expect = losses.target_distribution(losses.soft_assign(
+            cae_al.encode_all(r.cae, r.x_pool), r.clu.mu))           # over the whole pool, now
+        assert torch.equal(p, expect)
+        latest[0] = p
+        return p
+    latest = [None]
+
+    def step(r, x, p, x_lb, y_lb):
+        rows = (latest[0][:, None] == p[None]).all(-1).any(0)  # each row is a row of the latest P
+        assert rows.all()
+        sizes.append(len(y_lb))
+        steps[0] += 1
+        return real_step(r, x, p, x_lb, y_lb)
+    monkeypatch.setattr(cae_al, "refresh_target", refresh)
+    monkeypatch.setattr(cae_al, "train_step", step)
+    cae_al.train_round(run, {"refresh_P": 0.0})
+    assert steps[0] == 15 and refreshed == [0, 3, 6, 9, 12]         # 3 epochs x 5 iterations
+    assert sizes[:6] == [16, 16, 8] * 2       # the 40 labeled images cycle through permutations

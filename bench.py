@@ -9,9 +9,14 @@
 (2) training step at the paper's batch (64 + 3 x 448 images; 64 + 2 x 448 for FixMatch and
     SimMatch; synthetic data, K = 10 and 100) for every method of --methods: steps/s, images/s,
     the time spent making the batch, peak memory, hours for 262,144 steps;
-(3) loss forward + backward for N = K + 64 + 2 x 448 rows, D = 128, vs a plain SupCon.
+(3) loss forward + backward for N = K + 64 + 2 x 448 rows, D = 128, vs a plain SupCon;
+(4) with --cae: Roda & Geva's CAE step (cae_al.py: 256 pool + 64 labeled 28 x 28 images,
+    L_rec + KL + CCL) beside a plain PyTorch step of the same network and losses, the
+    pre-training step, the eval-mode encoder pass of the P refresh, where the step's time goes,
+    and the hours of the protocol at these speeds.
 """
 import argparse
+import math
 import os
 import resource
 import sys
@@ -263,6 +268,66 @@ def aug_and_loss(res: dict, dev: torch.device, aug_batch: int, repeat: int, name
               f"Eq. (6) {r['anchor_weighted_ms']:.2f} ms")
 
 
+def bench_cae(repeat: int, size: int = 28, batch: int = 256, batch_lb: int = 64,
+              pool: int = 48000) -> dict:
+    """(4): img/s of cae_al.train_step vs a plain step, plus where the time goes (CPU)."""
+    import types
+
+    import cae_al
+    import model
+    torch.manual_seed(0)
+    a = types.SimpleNamespace(no_ccl=False, tau=1.0, ccl_form="printed", alpha_rec=1.0,
+                              alpha_clu=0.1, alpha_ccl=0.1)
+    cae, clu = model.CAE(size), model.ClusteringLayer(10, 10)
+    run = types.SimpleNamespace(a=a, cae=cae, clu=clu, opt=torch.optim.Adam(
+        [*cae.parameters(), *clu.parameters()], 1e-3))
+    x, x_lb = torch.rand(batch, 1, size, size), torch.rand(batch_lb, 1, size, size)
+    y_lb = torch.arange(batch_lb) % 10
+    p = torch.softmax(torch.randn(batch, 10), 1)
+    ours = timeit(lambda: cae_al.train_step(run, x, p, x_lb, y_lb), torch.device("cpu"), repeat)
+
+    def plain():  # the textbook way: two encoder passes, broadcast distances, F.kl_div
+        z, z_lb = cae.encode(x), cae.encode(x_lb)
+        q = 1 / (1 + ((z[:, None] - clu.mu) ** 2).sum(-1))
+        q = q / q.sum(1, keepdim=True)
+        s = z_lb @ clu.mu.T
+        neg = torch.stack([torch.logsumexp(s[y_lb != c, c], 0) for c in range(10)])
+        ccl = (neg[y_lb] - s.gather(1, y_lb[:, None]).squeeze(1)).mean()
+        loss = F.mse_loss(cae.decode(z), x) + 0.1 * F.kl_div(q.log(), p, reduction="batchmean") \
+            + 0.1 * ccl
+        run.opt.zero_grad()
+        loss.backward()
+        run.opt.step()
+    ref = timeit(plain, torch.device("cpu"), repeat)
+
+    def pre():
+        loss = F.mse_loss(cae.decode(cae.encode(x)), x)
+        run.opt.zero_grad()
+        loss.backward()
+        run.opt.step()
+    pre_s = timeit(pre, torch.device("cpu"), repeat)
+    x_eval = torch.randint(0, 256, (2048, 1, size, size), dtype=torch.uint8)
+    enc_s = timeit(lambda: cae_al.encode_all(cae, x_eval), torch.device("cpu"), max(1, repeat // 2))
+    with torch.profiler.profile() as prof:
+        cae_al.train_step(run, x, p, x_lb, y_lb)
+    ops = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(ops.values())
+    share = {"convolution forward": sum(v for k, v in ops.items() if k in (
+                 "aten::mkldnn_convolution", "aten::_convolution", "aten::slow_conv_transpose2d")),
+             "convolution backward": ops.get("aten::convolution_backward", 0)}
+    share = {k: v / total for k, v in share.items()}
+    share["everything else"] = 1 - sum(share.values())
+    r = {"size": size, "batch": batch, "batch_lb": batch_lb, "step_ms": 1e3 * ours,
+         "images_s": batch / ours, "plain_images_s": batch / ref, "vs_plain": ref / ours,
+         "pretrain_images_s": batch / pre_s, "encode_images_s": len(x_eval) / enc_s,
+         "time_share": share}
+    # the protocol: 50 pre-training epochs, 21 rounds x 10 epochs, P over the pool every 80 steps
+    steps_round = 10 * math.ceil(pool / batch)
+    r["protocol_hours"] = (50 * pool / r["pretrain_images_s"] + 21 * steps_round * ours
+                           + 21 * math.ceil(steps_round / 80) * pool / r["encode_images_s"]) / 3600
+    return r
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -277,6 +342,7 @@ def main() -> None:
     p.add_argument("--methods", default="base entropy fixmatch ccssl simmatch",
                    help="--loss values timed in (2), space-separated")
     p.add_argument("--ks", default="10 100", help="numbers of classes K timed in (2)")
+    p.add_argument("--cae", action="store_true", help="also (4), the CAE step of cae_al.py")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
     p.add_argument("--check", action="store_true",
                    help="run the prepared check of the training path instead (docs/speed.md): "
@@ -309,6 +375,14 @@ def main() -> None:
                       f"262,144 steps = {r['hours_262144_steps']:.1f} h"
                       + (f", {r['world_size']} processes, {r['comm_mib_per_step']:.1f} MiB "
                          f"communicated per rank and step" if r["world_size"] > 1 else ""))
+    if args.cae:
+        r = res["cae"] = bench_cae(repeat)
+        print(f"\n(4) CAE step ({r['batch']} + {r['batch_lb']} images, {r['size']} x {r['size']}), "
+              f"{name}: {r['images_s']:.0f} img/s ({r['step_ms']:.0f} ms), plain PyTorch step "
+              f"{r['plain_images_s']:.0f} img/s (x{r['vs_plain']:.2f}); pre-training step "
+              f"{r['pretrain_images_s']:.0f} img/s; eval encoder {r['encode_images_s']:.0f} img/s; "
+              f"time: " + ", ".join(f"{k} {100 * v:.0f} %" for k, v in r["time_share"].items())
+              + f"; the whole protocol on a 48,000-image pool: {r['protocol_hours']:.1f} h")
     if args.json and int(os.environ.get("RANK", 0)) == 0:
         checkpoint.write_text(args.json, checkpoint.dumps_json(res, indent=1))
         print(f"\nwrote {args.json}")

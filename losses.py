@@ -382,3 +382,71 @@ def oheml_weight(probs: torch.Tensor, s: float, validate: bool = True) -> torch.
     if k < 2:
         raise ValueError("the entropy weight needs at least 2 classes (H_max = log K)")
     return s * entropy(probs, validate=False) / math.log(k) + (1.0 - s)
+
+
+# ---------------------------------------------------------------- Roda & Geva's clustering losses
+# Equation numbers are theirs (docs/active_learning.md): a DEC clustering layer on the CAE's
+# latent z, their cluster contrastive loss on the labeled latents, the entropy query.
+
+def _check_latent(z: torch.Tensor, mu: torch.Tensor) -> None:
+    if z.dim() != 2 or mu.dim() != 2 or z.shape[1] != mu.shape[1]:
+        raise ValueError(f"latents z (N, D) and centroids mu (K, D) must be 2-D with the same D, "
+                         f"got {tuple(z.shape)} and {tuple(mu.shape)}")
+
+
+def soft_assign(z: torch.Tensor, mu: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """Eq. (1), DEC's Student's t kernel: q_ij = (1 + |z_i - mu_j|^2 / alpha)^(-(alpha+1)/2),
+    normalised over j. alpha = 1 gives (1 + d^2)^-1. Returns (N, K) in float32 (float64 stays)."""
+    _check_latent(z, mu)
+    with _no_autocast(z):
+        d2 = torch.cdist(_f32(z), _f32(mu)).square()  # cdist, not the expanded |z|^2 - 2 z.mu ...
+        q = (1 + d2 / alpha).pow(-(alpha + 1) / 2)     # ... which cancels badly for close points
+        return q / q.sum(1, keepdim=True)
+
+
+def target_distribution(q: torch.Tensor) -> torch.Tensor:
+    """Eq. (3): p_ij = (q_ij^2 / f_j) / sum_j' (q_ij'^2 / f_j'), f_j = sum_i q_ij (soft cluster
+    frequencies over the rows given, i.e. the whole pool). Call it without gradient."""
+    _check_probs(q, validate=False)
+    w = _f32(q).square() / _f32(q).sum(0)
+    return w / w.sum(1, keepdim=True)
+
+
+def kl_clustering(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Eq. (2): L_clu = KL(P || Q) = sum_i sum_j p_ij log(p_ij / q_ij), here averaged over the rows
+    (DCEC's Keras 'kld': summed over clusters, mean over the batch). 0 log 0 = 0."""
+    if p.shape != q.shape or p.dim() != 2:
+        raise ValueError(f"P and Q must be 2-D of the same shape, got {tuple(p.shape)} and "
+                         f"{tuple(q.shape)}")
+    p, q = _f32(p), _f32(q)
+    return (torch.special.xlogy(p, p) - p * torch.log(q.clamp_min(1e-30))).sum(1).mean()
+
+
+def cluster_contrastive(z_lb: torch.Tensor, y_lb: torch.Tensor, mu: torch.Tensor,
+                        tau: float = 1.0, include_positive: bool = False) -> torch.Tensor:
+    """Eq. (7), the cluster contrastive loss on labeled latents:
+        L_ccl = - sum_c sum_{i in I_c} log[ exp(z_i . mu_c / tau) / sum_{z' in I_c'} exp(z' . mu_c / tau) ]
+    I_c the labeled rows of class c, I_c' the labeled rows of every other class. As printed the
+    positive is not in the denominator (include_positive=False); include_positive=True is the
+    InfoNCE form exp(s_i) / (exp(s_i) + sum_{z'} exp(s')), bounded below by 0. Averaged over the
+    labeled rows (the sum of the paper divided by the batch, so its weight does not scale with the
+    batch). A class with no negative in the batch contributes nothing (its denominator is empty).
+    """
+    _check_latent(z_lb, mu)
+    if y_lb.dim() != 1 or len(y_lb) != len(z_lb) or y_lb.dtype.is_floating_point:
+        raise ValueError(f"labels must be 1-D integers, one per latent row, got {tuple(y_lb.shape)} "
+                         f"{y_lb.dtype} for {len(z_lb)} rows")
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    with _no_autocast(z_lb):
+        s = _f32(z_lb) @ _f32(mu).T / tau                              # (B, K): s[i, c] = z_i . mu_c / tau
+        neg = y_lb[:, None] != torch.arange(len(mu), device=y_lb.device)  # row i is a negative of c
+        has_neg = neg.any(0)                                             # (K,)
+        # a finite fill keeps backward NaN-free; columns without negatives are dropped below
+        lse_neg = torch.logsumexp(s.masked_fill(~neg, _SELF_FILL), 0)    # (K,) over the negatives
+        pos = s.gather(1, y_lb[:, None]).squeeze(1)                      # s[i, y_i]
+        den = lse_neg[y_lb]
+        if include_positive:
+            den = torch.logaddexp(den, pos)
+        term = torch.where(has_neg[y_lb], den - pos, torch.zeros_like(pos))
+        return term.sum() / max(len(z_lb), 1)

@@ -147,3 +147,84 @@ def parse_arch(arch: str) -> tuple[int, int]:
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------- CAE (Roda & Geva, after DCEC)
+
+def _conv_out(n: int, k: int, s: int, p: int) -> int:
+    return (n + 2 * p - k) // s + 1
+
+
+class CAE(nn.Module):
+    """Convolutional auto-encoder of DCEC (Guo et al. 2017) as Roda & Geva describe it: encoder
+    conv 32 5x5 s2 -> conv 64 5x5 s2 -> conv 128 3x3 s2 -> BatchNorm -> Linear(., 10); decoder
+    Linear(10, .) -> BatchNorm -> the three transposed convolutions mirrored. ReLU between
+    layers, none on the embedding (it is clustered) or on the reconstruction (MSE on [0, 1]).
+
+    Where the single batch-norm layer of each half sits is not stated; here it normalises the
+    128-channel map right before the embedding and right after the de-embedding, where the scale
+    of the code meets the convolutions. The third convolution is 'same' when the size is a
+    multiple of 8 (16 x 16 USPS: 8, 4, 2) and 'valid' otherwise (28 x 28: 14, 7, 3), as in DCEC;
+    the transposed convolutions pick their output padding so the decoder retraces every size.
+    """
+
+    def __init__(self, size: int = 28, channels: int = 1, latent: int = 10,
+                 filters: tuple = (32, 64, 128)):
+        super().__init__()
+        if size < 8:
+            raise ValueError(f"CAE needs images of at least 8 x 8, got {size} x {size}")
+        f1, f2, f3 = filters
+        p3 = 1 if size % 8 == 0 else 0
+        s1 = _conv_out(size, 5, 2, 2)
+        s2 = _conv_out(s1, 5, 2, 2)
+        s3 = _conv_out(s2, 3, 2, p3)
+        self.size, self.channels, self.latent, self.s3 = size, channels, latent, s3
+        self.conv1 = nn.Conv2d(channels, f1, 5, 2, 2)
+        self.conv2 = nn.Conv2d(f1, f2, 5, 2, 2)
+        self.conv3 = nn.Conv2d(f2, f3, 3, 2, p3)
+        self.bn_enc = nn.BatchNorm2d(f3)
+        self.embed = nn.Linear(f3 * s3 * s3, latent)
+        self.deembed = nn.Linear(latent, f3 * s3 * s3)
+        self.bn_dec = nn.BatchNorm2d(f3)
+
+        def up(c_in, c_out, k, p, n_in, n_out):  # output padding so that n_in maps to n_out
+            op = n_out - ((n_in - 1) * 2 - 2 * p + k)
+            return nn.ConvTranspose2d(c_in, c_out, k, 2, p, output_padding=op)
+        self.deconv3 = up(f3, f2, 3, p3, s3, s2)
+        self.deconv2 = up(f2, f1, 5, 2, s2, s1)
+        self.deconv1 = up(f1, channels, 5, 2, s1, size)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) float in [0, 1] -> z (B, latent)."""
+        h = F.relu(self.conv1(x))
+        h = F.relu(self.conv2(h))
+        h = self.bn_enc(F.relu(self.conv3(h)))
+        return self.embed(h.flatten(1))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.deembed(z)).view(len(z), -1, self.s3, self.s3)
+        h = F.relu(self.deconv3(self.bn_dec(h)))
+        h = F.relu(self.deconv2(h))
+        return self.deconv1(h)
+
+
+class ClusteringLayer(nn.Module):
+    """The DEC clustering layer: K trainable centroids mu_j in the latent space (Roda & Geva's
+    Eq. 6 initialises them to the labeled class means, see `init_from`); the soft assignment q
+    itself is losses.soft_assign."""
+
+    def __init__(self, k: int = 10, latent: int = 10):
+        super().__init__()
+        self.mu = nn.Parameter(torch.zeros(k, latent))
+
+    @torch.no_grad()
+    def init_from(self, z_lb: torch.Tensor, y_lb: torch.Tensor) -> None:
+        """mu_c = mean of the labeled latents of class c (Eq. 6); every class needs one."""
+        k = len(self.mu)
+        counts = torch.bincount(y_lb, minlength=k)
+        if (counts == 0).any():
+            missing = torch.nonzero(counts == 0).flatten().tolist()
+            raise ValueError(f"the labeled pool has no image of class(es) {missing}; the "
+                             f"centroids are class means, so every class needs a label")
+        sums = torch.zeros_like(self.mu).index_add_(0, y_lb, z_lb.to(self.mu.dtype))
+        self.mu.copy_(sums / counts[:, None].to(sums.dtype))

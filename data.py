@@ -152,6 +152,137 @@ def load_npz(path: str) -> dict:
     return d
 
 
+# ---------------------------------------------------------------- MNIST family
+
+MNIST_FAMILY = {"mnist": "MNIST", "fashionmnist": "FashionMNIST", "usps": "USPS"}  # torchvision class
+IDX_FILES = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
+             "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}
+USPS_FILES = {"train": "usps.bz2", "test": "usps.t.bz2"}
+MNIST_SOURCES = {"mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+                 "fashionmnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+                 "usps": "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/multiclass/"}
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                   "Sneaker", "Bag", "Ankle boot"]
+
+
+def read_idx(path: str) -> np.ndarray:
+    """One IDX file (LeCun's format: 2 zero bytes, type 0x08 = uint8, ndim, ndim big-endian int32
+    sizes, the data), gzip-compressed when the name ends in .gz."""
+    import gzip
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e}); replace the file") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path}: not an IDX file of uint8 (header {raw[:4].hex()}, expected "
+                         f"0000 08 <ndim>); replace the file")
+    ndim = raw[3]
+    shape = tuple(int(s) for s in np.frombuffer(raw, ">i4", ndim, 4)) if len(raw) >= 4 + 4 * ndim else None
+    if shape is None or len(raw) != 4 + 4 * ndim + int(np.prod(shape)):
+        raise ValueError(f"{path}: truncated or padded IDX file ({len(raw)} bytes for shape "
+                         f"{shape}); replace the file")
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
+
+
+def _idx_paths(folder: str) -> dict:
+    """The four IDX files in folder (plain or .gz) as {key: path or None}."""
+    found = {}
+    for key, stem in IDX_FILES.items():
+        hits = [os.path.join(folder, stem + ext) for ext in ("", ".gz")]
+        found[key] = next((p for p in hits if os.path.isfile(p)), None)
+    return found
+
+
+def _mnist_from_idx(paths: dict, name: str) -> dict:
+    d = {k: read_idx(p) for k, p in paths.items()}
+    for split in ("train", "test"):
+        x, y = d[f"x_{split}"], d[f"y_{split}"]
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise ValueError(f"{paths['x_' + split]}: images {x.shape} and labels {y.shape} do not "
+                             f"match (expected (N, H, W) and (N,)); replace the files")
+        if y.max() > 9:
+            raise ValueError(f"{paths['y_' + split]}: labels must lie in 0..9, found {y.max()}")
+        d[f"y_{split}"] = y.astype(np.int64)
+    return d
+
+
+def _download_mnist_family(name: str, data_dir: str) -> None:
+    """torchvision's download into data_dir, with every failure turned into one line."""
+    import torchvision
+    cls = getattr(torchvision.datasets, MNIST_FAMILY[name])
+    files = (", ".join(USPS_FILES.values()) if name == "usps"
+             else ", ".join(s + ".gz" for s in IDX_FILES.values()))
+    advice = (f"download {files} from {MNIST_SOURCES[name]} and put them in "
+              f"{os.path.abspath(data_dir)}, then run again with --data-dir {data_dir}")
+    created = not os.path.exists(data_dir)
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)  # a blocked network should fail, not hang
+    try:
+        for train in (True, False):
+            cls(data_dir, train=train, download=True)
+    except Exception as e:  # noqa: BLE001 - any download failure gets the same advice
+        if created:  # leave nothing behind
+            shutil.rmtree(data_dir, ignore_errors=True)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(f"{name} is not in {os.path.abspath(data_dir)} and could not be "
+                           f"downloaded ({type(e).__name__}: {reason}); {advice}") from None
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+
+
+def _load_usps(data_dir: str) -> dict:
+    """USPS as LIBSVM's usps.bz2 / usps.t.bz2 (pixels in [-1, 1], labels 1..10), read by torchvision."""
+    import torchvision
+    if not all(os.path.isfile(os.path.join(data_dir, f)) for f in USPS_FILES.values()):
+        _download_mnist_family("usps", data_dir)
+    d = {}
+    for split in ("train", "test"):
+        path = os.path.join(data_dir, USPS_FILES[split])
+        try:
+            ds = torchvision.datasets.USPS(data_dir, train=split == "train", download=False)
+            x, y = np.asarray(ds.data, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64)
+        except Exception as e:  # noqa: BLE001 - bz2 / parse errors
+            raise ValueError(f"{path}: not a readable USPS file ({type(e).__name__}: {e}); "
+                             f"delete it and run again to download it") from None
+        if x.shape[1:] != (16, 16) or len(x) == 0 or y.min() < 0 or y.max() > 9:
+            raise ValueError(f"{path}: expected 16 x 16 images with labels 1..10, got images "
+                             f"{x.shape} and labels {y.min() + 1}..{y.max() + 1}")
+        d[f"x_{split}"], d[f"y_{split}"] = x, y
+    return d
+
+
+def load_mnist_family(name: str, data_dir: str) -> dict:
+    """`mnist`, `fashionmnist` (28 x 28) or `usps` (16 x 16) as the standard dataset dict, images
+    single-channel (N, H, W) uint8.
+
+    MNIST / Fashion-MNIST: a data_dir holding the four IDX files (train-images-idx3-ubyte ...,
+    plain or .gz) is read directly, as is torchvision's layout data_dir/MNIST/raw/; otherwise
+    torchvision downloads them into data_dir. USPS: data_dir/usps.bz2 and usps.t.bz2, else the
+    download. Missing files offline are one RuntimeError that says what to put where.
+    """
+    if name not in MNIST_FAMILY:
+        raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(MNIST_FAMILY)}")
+    if name == "usps":
+        d = _load_usps(data_dir)
+        classes = [str(i) for i in range(10)]
+    else:
+        folders = [data_dir, os.path.join(data_dir, MNIST_FAMILY[name], "raw")]
+        paths = next((p for p in map(_idx_paths, folders) if all(p.values())), None)
+        if paths is None:
+            partial = _idx_paths(data_dir)
+            if any(partial.values()):  # a half-filled folder is a user mistake, not a download cue
+                missing = [IDX_FILES[k] for k, p in partial.items() if p is None]
+                raise ValueError(f"{os.path.abspath(data_dir)} holds only some of the {name} IDX "
+                                 f"files; missing {', '.join(missing)} (plain or .gz)")
+            _download_mnist_family(name, data_dir)
+            paths = _idx_paths(folders[1])
+        d = _mnist_from_idx(paths, name)
+        classes = FASHION_CLASSES if name == "fashionmnist" else [str(i) for i in range(10)]
+    d["classes"], d["num_classes"] = list(classes), 10
+    return d
+
+
 def split_labeled(y: np.ndarray, n_per_class: int, seed: int, num_classes: int | None = None
                   ) -> np.ndarray:
     """Indices of the labeled set: for each class k = 0..K-1 in turn, a shuffle of its indices by

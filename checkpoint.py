@@ -12,6 +12,7 @@ from typing import IO, Callable
 import torch
 
 CKPT_NAMES = ("last.pt", "prev.pt")  # newest first; prev.pt is the one before last.pt
+BEST_NAME = "best_val.pt"  # the checkpoint of the best validation accuracy (--val-per-class)
 # a checkpoint is resumed only if these match (the rest, e.g. --device or --log-every, may change)
 CONFIG_KEYS = ("dataset", "labels_per_class", "loss", "seed", "arch", "epochs", "steps_per_epoch",
                "batch_size", "mu", "lr", "wd", "threshold", "pl_temp", "temp", "low_weight",
@@ -19,7 +20,9 @@ CONFIG_KEYS = ("dataset", "labels_per_class", "loss", "seed", "arch", "epochs", 
                "bn_momentum", "channels_last", "wrn_variant", "pair_weight", "lambda_u", "lambda_c",
                "ccssl_temp", "lambda_in", "bank_momentum", "bank_temp", "smoothing_alpha",
                "da_len", "lt_labeled", "lt_unlabeled", "imb_ratio_l", "imb_ratio_u", "hard_weight",
-               "labeled_idx_sha256")
+               "labeled_idx_sha256", "flip", "val_per_class", "image_size", "stl10_fold")
+# what a key added later means for a checkpoint written before it existed
+OLD_DEFAULTS = {"flip": True, "val_per_class": 0}
 
 
 class CheckpointError(Exception):
@@ -95,14 +98,17 @@ def kept(out: str) -> str:
     return f"no checkpoint had been written yet in {out}"
 
 
-def save_checkpoint(out: str, state: dict) -> None:
-    """Atomic: write last.pt.tmp, fsync, keep the old last.pt as prev.pt, rename."""
+def save_checkpoint(out: str, state: dict, best: bool = False) -> None:
+    """Atomic: write last.pt.tmp, fsync, keep the old last.pt as prev.pt, rename. best: also
+    write the same state to best_val.pt (atomically), the checkpoint chosen by validation."""
     path, tmp, prev = (os.path.join(out, n) for n in ("last.pt", "last.pt.tmp", "prev.pt"))
     try:
         with open(tmp, "wb") as fh:
             torch.save(state, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        if best:
+            atomic_write(os.path.join(out, BEST_NAME), lambda fh: torch.save(state, fh))
         if os.path.exists(path):
             os.replace(path, prev)
         os.replace(tmp, path)
@@ -157,8 +163,9 @@ def check_resumable(s: dict, args, dev: torch.device, amp_dtype, world: int) -> 
     resume: the device index, bf16 autocast on/off. What cannot: the device type (CPU and CUDA
     generators have different states) and fp16, whose GradScaler state (the loss scale) has no
     counterpart in a bf16 or fp32 run and vice versa; nor the number of processes."""
-    diffs = [f"{k}: checkpoint {s['args'].get(k)!r}, now {getattr(args, k)!r}"
-             for k in CONFIG_KEYS if s["args"].get(k) != getattr(args, k)]
+    then = {k: s["args"].get(k, OLD_DEFAULTS.get(k)) for k in CONFIG_KEYS}
+    diffs = [f"{k}: checkpoint {then[k]!r}, now {getattr(args, k)!r}"
+             for k in CONFIG_KEYS if then[k] != getattr(args, k)]
     if diffs:
         fail(f"{args.out} holds a run with a different configuration ({'; '.join(diffs)}); "
              "use another --out or the original arguments")

@@ -50,6 +50,15 @@ def scores_all(model: torch.nn.Module, x_u8: torch.Tensor, normalize,
     return outputs_all(model, x_u8, normalize, batch_size)[0]
 
 
+def val_metrics(model: torch.nn.Module, x_u8: torch.Tensor, y: torch.Tensor, normalize,
+                batch_size: int = 1024) -> dict:
+    """{"val_acc": top-1 on the validation images} (--val-per-class), or {} when there are none."""
+    if not len(y):
+        return {}
+    pred = scores_all(model, x_u8, normalize, batch_size).argmax(1)
+    return {"val_acc": (pred == y).double().mean().item()}
+
+
 def class_groups(labeled_counts: list[int]) -> dict[str, list[int]]:
     """Head / medium / tail classes (docs/long_tailed.md): classes sorted by labeled count, most
     first (ties by class index), cut into ceil(K/3), K - 2 ceil(K/3) and ceil(K/3) classes."""
@@ -110,7 +119,8 @@ def load_run_model(state: dict, num_classes: int, device: str):
     classifier = classifier_run(state)
     # runs from before --wrn-variant existed used the TensorFlow-original network
     model = Encoder(num_classes, a["arch"], classifier=classifier,
-                    variant=a.get("wrn_variant", "tf")).to(device)
+                    variant=a.get("wrn_variant", "tf"),
+                    in_channels=state["ema"]["backbone.stem.weight"].shape[1]).to(device)
     model.load_state_dict(state["ema"])
     return model
 

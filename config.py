@@ -289,6 +289,7 @@ def resolve_defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> No
             if args.entropy_ratio is None:
                 split = ("the long-tailed split" if args.lt_labeled else
                          f"the labeled set of {args.labeled_idx}" if args.labeled_idx else
+                         f"fold {args.stl10_fold}" if args.stl10_fold is not None else
                          f"{args.labels_per_class} labels per class")
                 p.error(f"--entropy-ratio is required for {args.dataset} with {split} (the paper "
                         f"gives beta only for CIFAR-10/100 with 4 or 25); e.g. --entropy-ratio 0.2")

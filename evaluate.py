@@ -102,8 +102,9 @@ def resolve_dataset(a: dict, state: dict, dataset: str | None, data_dir: str | N
             return path
         return os.path.join(state["cwd"], path)
     name = dataset or a["dataset"]
-    if name.startswith("npz:"):
-        name = "npz:" + here_or_there(name[4:])
+    for prefix in ("npz:", "folder:"):
+        if name.startswith(prefix):
+            name = prefix + here_or_there(name[len(prefix):])
     return name, data_dir or here_or_there(a["data_dir"])
 
 
@@ -131,7 +132,7 @@ def evaluate_checkpoint(path: str, per_class: bool = False, data_dir: str | None
     state, f = read_checkpoint(path)
     a = state["args"]
     name, ddir = resolve_dataset(a, state, dataset, data_dir)
-    ds = data.load_dataset(name, ddir)
+    ds = data.load_dataset(name, ddir, a.get("image_size"))
     k_ckpt = len(state.get("classes") or []) or None
     if k_ckpt is not None and k_ckpt != ds["num_classes"]:
         raise ValueError(f"{name} has {ds['num_classes']} classes but the run in {f} was trained "
@@ -172,6 +173,10 @@ def main(argv=None) -> None:
                    help="device to evaluate on (default: cuda if available, else cpu)")
     p.add_argument("--table", metavar="RESULTS_DIR",
                    help="write RESULTS_DIR/table1.md from every result.json below it and print it")
+    p.add_argument("--table-acc", choices=["final", "at-best-val"], default="final",
+                   help="--table cells: the final test accuracy (the paper's), or the test "
+                        "accuracy at the evaluation with the best validation accuracy (runs "
+                        "with --val-per-class)")
     p.add_argument("--lt-table", metavar="RESULTS_DIR",
                    help="write RESULTS_DIR/lt_table.md for the long-tailed runs below it and print it")
     p.add_argument("--al-table", metavar="RESULTS_DIR",
@@ -208,7 +213,8 @@ def main(argv=None) -> None:
         write_text(os.path.join(args.al_table, "al_table.csv"), csv_text, echo=False)
         write_text(os.path.join(args.al_table, "al_table.md"), md, echo=True)
         return
-    tables = ((args.table, report.table1, "table1.md"), (args.lt_table, report.lt_table, "lt_table.md"))
+    table1 = lambda d: report.table1(d, args.table_acc)  # noqa: E731
+    tables = ((args.table, table1, "table1.md"), (args.lt_table, report.lt_table, "lt_table.md"))
     for folder, make, name in tables:
         if folder:
             if not os.path.isdir(folder):

@@ -21,8 +21,11 @@ CONFIG_KEYS = ("dataset", "labels_per_class", "loss", "seed", "arch", "epochs", 
                "ccssl_temp", "lambda_in", "bank_momentum", "bank_temp", "smoothing_alpha",
                "da_len", "lt_labeled", "lt_unlabeled", "imb_ratio_l", "imb_ratio_u", "hard_weight",
                "labeled_idx_sha256", "flip", "val_per_class", "image_size", "stl10_fold")
-# what a key added later means for a checkpoint written before it existed
-OLD_DEFAULTS = {"flip": True, "val_per_class": 0}
+# flags added later, at the value that reproduces what runs did before they existed: a run's
+# saved arguments leave them out at that value (logs.public_args), so the checkpoint and
+# result.json of every older configuration stay as they were, and a missing key reads as it
+OLD_DEFAULTS = {"flip": True, "val_per_class": 0, "data_device": "device", "image_size": None,
+                "stl10_fold": None}
 
 
 class CheckpointError(Exception):

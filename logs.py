@@ -26,7 +26,10 @@ def named(stats: torch.Tensor) -> dict:
 
 
 def public_args(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in HIDDEN_ARGS}
+    """The arguments saved with a run; a flag added later is left out at the value that older
+    runs had (checkpoint.OLD_DEFAULTS: e.g. flip is written only when it is off)."""
+    return {k: v for k, v in vars(args).items() if k not in HIDDEN_ARGS
+            and not (k in checkpoint.OLD_DEFAULTS and v == checkpoint.OLD_DEFAULTS[k])}
 
 
 # ---------------------------------------------------------------- metrics.jsonl
@@ -203,9 +206,8 @@ def write_result(run) -> dict:
 def validation_result(run) -> dict:
     """--val-per-class: the final and best validation accuracy and the test accuracy of the
     evaluation with the best validation accuracy (the latest one among ties: the checkpoint
-    best_val.pt). Also, for every new-style run, whether the weak augmentation flipped."""
-    out = {"flip": run.args.flip}
-    v = run.val_history
+    best_val.pt). Whether the weak augmentation flipped: args.flip (written when off)."""
+    out, v = {}, run.val_history
     if v:
         best = max(i for i in range(len(v)) if v[i] == max(v))
         out.update(val_acc=v[-1], best_val_acc=v[best], test_acc_at_best_val=run.history[best],

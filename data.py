@@ -1,6 +1,7 @@
 """Datasets, the labeled/unlabeled split, index sampling and batched on-device augmentation.
 
-The training images live on the training device as uint8 (N, 3, H, W). A step draws index
+The training images live on the training device (or, with --data-device cpu, in pinned host
+memory) as uint8 (N, C, H, W), C = 3 or 1 (grayscale; docs/own_data.md). A step draws index
 batches and augments whole batches at once with per-image random parameters (docs/method.md, docs/speed.md):
 
     weak   alpha : horizontal flip, then translation by up to 4 px with reflect padding
@@ -1129,12 +1130,12 @@ def save_npz(path: str, arrays: dict) -> None:
 
 def main(argv=None) -> None:
     import argparse
-    p = argparse.ArgumentParser(description="Build a class-balanced subset of CIFAR (or of an npz: "
-                                "dataset) in the project's npz: format, e.g. the CPU-scale set: "
+    p = argparse.ArgumentParser(description="Build a class-balanced subset of a dataset in the "
+                                "project's npz: format, e.g. the CPU-scale set: "
                                 "python data.py make-subset --out cifar10-5k.npz")
     p.add_argument("command", choices=["make-subset"])
-    p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100 or npz:PATH")
-    p.add_argument("--data-dir", default="data", help="where CIFAR is (or is downloaded to)")
+    p.add_argument("--dataset", default="cifar10", help=DATASET_HELP)
+    p.add_argument("--data-dir", default="data", help="where the dataset is (or is downloaded to)")
     p.add_argument("--per-class-train", type=int, default=500, help="training images per class")
     p.add_argument("--per-class-test", type=int, default=100, help="test images per class")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-class choice")

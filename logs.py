@@ -125,7 +125,10 @@ def start_line(run, ipb: int) -> str:
     amp = str(run.amp_dtype).replace("torch.", "") if run.amp_dtype else "off"
     entropy = (f" (beta {a.entropy_ratio}, {a.entropy_weighting} weighting, first "
                f"{a.entropy_epochs} epochs, {a.pair_weight} pair weight)" if a.loss == "entropy" else "")
-    return (f"{a.dataset}: {len(run.x_train)} train / {len(run.x_test)} test images, {run.k} "
+    own = (f" ({run.n_no_label} without labels)" if getattr(run, "n_no_label", 0) else "")
+    own += f", {len(run.val_idx)} validation" if len(getattr(run, "val_idx", ())) else ""
+    own += "" if getattr(a, "flip", True) else ", no flips"
+    return (f"{a.dataset}: {len(run.x_train)} train{own} / {len(run.x_test)} test images, {run.k} "
             f"classes, {len(run.lb)} labeled | loss {a.loss}{entropy} | {a.arch} (BN momentum "
             f"{a.bn_momentum:g}) on {device_name(run.dev)}, amp {amp} | "
             f"{run.total} steps x {ipb} images -> {a.out}")
@@ -144,9 +147,11 @@ def eval_line(m: dict) -> str:
     pct = lambda v: "-" if v is None else f"{100 * v:.1f} %"  # noqa: E731
     w = "-" if m["mean_weight"] is None else format(m["mean_weight"], ".3f")
     val = f", validation {100 * m['val_acc']:.2f} %" if "val_acc" in m else ""
+    known = (f" (over the {pct(m['pl_labeled_fraction'])} of unlabeled images that have a label)"
+             if m.get("pl_labeled_fraction") is not None else "")
     return (f"epoch {m['epoch']:.2f}: test acc {100 * m['test_acc']:.2f} % (EMA){val} | pseudo-label "
             f"accuracy: confident {pct(m['pl_acc_confident'])}, entropy-selected "
-            f"{pct(m['pl_acc_selected'])} | mean unlabeled weight {w}")
+            f"{pct(m['pl_acc_selected'])}{known} | mean unlabeled weight {w}")
 
 
 # ---------------------------------------------------------------- TensorBoard

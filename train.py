@@ -206,7 +206,8 @@ class Run:
         if self.args.loss not in methods.CLASSIFIER:
             scores = scores / self.args.pl_temp
         m = eval_metrics(scores, self.y_test, self.labeled_counts, self.args.logit_adjust)
-        return {**m, **val_metrics(self.ema, self.x_val, self.y_val, self.norm, self.args.eval_batch_size)}
+        val = val_metrics(self.ema, self.x_val, self.y_val, self.norm, self.args.eval_batch_size)
+        return {**m, **val}  # val_acc with --val-per-class
 
     def lr(self) -> float:
         """The learning rate of the last step, as the optimiser has it."""

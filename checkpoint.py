@@ -16,6 +16,7 @@ from typing import IO, Callable
 import torch
 
 CKPT_NAMES = ("last.pt", "prev.pt")  # newest first; prev.pt is the one before last.pt
+BEST_NAME = "best_val.pt"  # the checkpoint of the best validation accuracy (--val-per-class)
 # a checkpoint is resumed only if these match (the rest, e.g. --device or --log-every, may change)
 CONFIG_KEYS = ("dataset", "labels_per_class", "loss", "seed", "arch", "epochs", "steps_per_epoch",
                "batch_size", "mu", "lr", "wd", "threshold", "pl_temp", "temp", "low_weight",
@@ -23,14 +24,21 @@ CONFIG_KEYS = ("dataset", "labels_per_class", "loss", "seed", "arch", "epochs", 
                "bn_momentum", "channels_last", "wrn_variant", "pair_weight", "lambda_u", "lambda_c",
                "ccssl_temp", "lambda_in", "bank_momentum", "bank_temp", "smoothing_alpha",
                "da_len", "lt_labeled", "lt_unlabeled", "imb_ratio_l", "imb_ratio_u", "hard_weight",
-               "labeled_idx_sha256", "logit_adjust")
+               "labeled_idx_sha256", "logit_adjust", "flip", "val_per_class", "image_size",
+               "stl10_fold")
 # free to change on resume: where things are, how often to log / save / evaluate, speed-only
-# switches, and what the device / precision checks of check_resumable already cover
+# switches (--data-device gives the same results), and what the device / precision checks of
+# check_resumable already cover
 FREE_ON_RESUME = ("data_dir", "out", "labeled_idx", "device", "amp", "compile", "eval_every",
                   "log_every", "tensorboard", "save_every", "skip_nonfinite", "eval_batch_size",
-                  "debug_nan_step")
+                  "debug_nan_step", "data_device")
+# flags added later, at the value that reproduces what runs did before they existed: a run's
+# saved arguments leave them out at that value (logs.public_args), so the checkpoint and
+# result.json of every older configuration stay as they were, and a missing key reads as it
+OLD_DEFAULTS = {"flip": True, "val_per_class": 0, "data_device": "device", "image_size": None,
+                "stl10_fold": None}
 # a key added to CONFIG_KEYS later: the value that a checkpoint from before it was trained with
-OLD_DEFAULTS = {"logit_adjust": 1.0}
+RESUME_DEFAULTS = {"logit_adjust": 1.0, **OLD_DEFAULTS}
 
 
 class CheckpointError(Exception):
@@ -160,14 +168,17 @@ def kept(out: str) -> str:
     return f"no checkpoint had been written yet in {out}"
 
 
-def save_checkpoint(out: str, state: dict) -> None:
-    """Atomic: write last.pt.tmp, fsync, keep the old last.pt as prev.pt, rename."""
+def save_checkpoint(out: str, state: dict, best: bool = False) -> None:
+    """Atomic: write last.pt.tmp, fsync, keep the old last.pt as prev.pt, rename. best: also
+    write the same state to best_val.pt (atomically), the checkpoint chosen by validation."""
     path, tmp, prev = (os.path.join(out, n) for n in ("last.pt", "last.pt.tmp", "prev.pt"))
     try:
         with open(tmp, "wb") as fh:
             torch.save(state, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        if best:
+            atomic_write(os.path.join(out, BEST_NAME), lambda fh: torch.save(state, fh))
         if os.path.exists(path):
             os.replace(path, prev)
         os.replace(tmp, path)
@@ -222,7 +233,7 @@ def check_resumable(s: dict, args, dev: torch.device, amp_dtype, world: int) -> 
     resume: the device index, bf16 autocast on/off. What cannot: the device type (CPU and CUDA
     generators have different states) and fp16, whose GradScaler state (the loss scale) has no
     counterpart in a bf16 or fp32 run and vice versa; nor the number of processes."""
-    then = {k: s["args"].get(k, OLD_DEFAULTS.get(k)) for k in CONFIG_KEYS}
+    then = {k: s["args"].get(k, RESUME_DEFAULTS.get(k)) for k in CONFIG_KEYS}
     diffs = [f"{k}: checkpoint {then[k]!r}, now {getattr(args, k)!r}"
              for k in CONFIG_KEYS if then[k] != getattr(args, k)]
     if diffs:

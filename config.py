@@ -45,11 +45,36 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=HelpFormatter)
     a = p.add_argument
     # ---------------------------------------------------------------- data
-    a("--dataset", default="cifar10", help="cifar10, cifar100 or npz:PATH (see data.load_npz)")
-    a("--data-dir", default="data", help="where CIFAR is (or is downloaded to)")
-    a("--labels-per-class", type=int, default=None,
-      help="labeled images per class (default 4; not with --labeled-idx or the long-tailed flags)")
+    a("--dataset", default="cifar10",
+      help="cifar10, cifar100, stl10, svhn, mnist, fashionmnist, usps (downloaded into "
+           "--data-dir), npz:PATH (arrays x_train, y_train, x_test, y_test, optional x_unlabeled) "
+           "or folder:PATH (PATH/train/<class>/, PATH/test/<class>/, optional PATH/unlabeled/); "
+           "see docs/own_data.md")
+    a("--data-dir", default="data",
+      help="where the built-in datasets are (or are downloaded to); for mnist / fashionmnist a "
+           "folder holding the four IDX files works too")
+    a("--labels-per-class", type=labels_arg, default=None,
+      help="labeled images per class, or 'all' (every training image with a label) (default 4; "
+           "not with --labeled-idx, --stl10-fold or the long-tailed flags)")
     a("--seed", type=int, default=0, help="seed (>= 0) of the split, initialisation and augmentation")
+    # ---------------------------------------------------------------- own data (docs/own_data.md)
+    a("--val-per-class", type=int, default=0, metavar="N",
+      help="hold N labeled training images per class out of both the labeled and the unlabeled "
+           "set as a validation split (seeded), evaluated at every evaluation; result.json then "
+           "gives the test accuracy at the best validation accuracy (0: none)")
+    a("--flip", action=argparse.BooleanOptionalAction, default=None,
+      help="random horizontal flip in the weak augmentation (and so in the strong one); default: "
+           "on, off (--no-flip) for the digit sets svhn, mnist and usps")
+    a("--data-device", choices=["device", "cpu"], default="device",
+      help="where the uint8 training and test images live: on the training device (fastest), or "
+           "in (pinned) host memory with each batch moved to the device before augmentation, for "
+           "data larger than the GPU; the results are the same")
+    a("--image-size", type=int, default=None, metavar="S",
+      help="folder: datasets only: resize every image to S x S (bilinear); needed when the "
+           "images differ in size")
+    a("--stl10-fold", type=int, default=None, metavar="K",
+      help="stl10 only: the labeled set is STL-10's predefined fold K (0-9, 1,000 images) "
+           "instead of --labels-per-class")
     # ---------------------------------------------------------------- method ([G], [N&O])
     a("--loss", choices=list(methods.STEPS), default="entropy",
       help="base = [G] Eqs. (5)-(7); entropy = [N&O] Eqs. (8)-(14); fixmatch, ccssl, simmatch = "
@@ -148,6 +173,16 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def labels_arg(v: str):
+    """--labels-per-class: an integer, or 'all'."""
+    if v == "all":
+        return v
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'all', got {v!r}") from None
+
+
 def get_args(argv=None) -> argparse.Namespace:
     p = make_parser()
     args = p.parse_args(argv)
@@ -171,7 +206,8 @@ VALUE_RULES = [
     (("lr", "pl_temp", "temp", "ccssl_temp", "bank_temp"), lambda v: v > 0 and finite(v),
      "a positive number"),
     (("lambda_u", "lambda_c", "lambda_in"), lambda v: v >= 0 and finite(v), "a finite number >= 0"),
-    (("labels_per_class",), lambda v: v >= 1, ">= 1"),
+    (("labels_per_class",), lambda v: v == "all" or v >= 1, ">= 1 or all"),
+    (("val_per_class",), lambda v: v >= 0, ">= 0"),
     (("bank_momentum", "smoothing_alpha", "hard_weight"), lambda v: 0 <= v <= 1, "in [0, 1]"),
     (("da_len",), lambda v: v >= 1, ">= 1"),
     (("threshold",), lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -207,8 +243,9 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--hard-weight {args.hard_weight} has no effect with --epochs {args.epochs}: "
                 f"the weighting starts after epoch {methods.HARD_WEIGHT_EPOCH}; use --epochs > "
                 f"{methods.HARD_WEIGHT_EPOCH} or leave --hard-weight out")
-    if not (args.dataset in data.CIFAR_URLS or args.dataset.startswith("npz:")):
-        p.error(f"--dataset: unknown dataset {args.dataset!r}; use cifar10, cifar100 or npz:PATH")
+    if not data.is_dataset_name(args.dataset):
+        p.error(f"--dataset: unknown dataset {args.dataset!r}; use {data.DATASET_HELP}")
+    check_own_data(p, args)
     try:
         parse_arch(args.arch)
     except ValueError as e:
@@ -252,12 +289,15 @@ def resolve_defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> No
         args.bn_momentum = min(0.1, max(BN_MOMENTUM, 5.0 / total))
     if args.wd is None:
         args.wd = PAPER_WD.get(args.dataset, 5e-4)
+    if args.flip is None:  # a mirrored digit is another glyph (or none)
+        args.flip = args.dataset not in data.DIGITS
     if args.loss == "entropy":
         if args.entropy_ratio is None:
             args.entropy_ratio = PAPER_BETA.get((args.dataset, args.labels_per_class))
             if args.entropy_ratio is None:
                 split = ("the long-tailed split" if args.lt_labeled else
                          f"the labeled set of {args.labeled_idx}" if args.labeled_idx else
+                         f"fold {args.stl10_fold}" if args.stl10_fold is not None else
                          f"{args.labels_per_class} labels per class")
                 p.error(f"--entropy-ratio is required for {args.dataset} with {split} (the paper "
                         f"gives beta only for CIFAR-10/100 with 4 or 25); e.g. --entropy-ratio 0.2")
@@ -273,9 +313,13 @@ def resolve_defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.out is None:
         name = (os.path.splitext(os.path.basename(args.dataset[4:]))[0]
                 if args.dataset.startswith("npz:") else args.dataset)
+        if name.startswith("folder:"):
+            name = os.path.basename(os.path.normpath(name[7:]))
         split = (f"lt{args.lt_labeled}-{args.lt_unlabeled}-{args.imb_ratio_l:g}-{args.imb_ratio_u:g}"
                  if args.lt_labeled else f"idx-{args.labeled_idx_sha256[:8]}"
-                 if args.labeled_idx else str(args.labels_per_class))
+                 if args.labeled_idx else f"fold{args.stl10_fold}"
+                 if args.stl10_fold is not None else str(args.labels_per_class))
+        split += f"_val{args.val_per_class}" if args.val_per_class else ""
         args.out = os.path.join("runs", f"{name}_{split}_{args.loss}_s{args.seed}")
 
 
@@ -290,6 +334,25 @@ def make_out(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         os.remove(probe)
     except OSError as e:
         p.error(f"--out {args.out} is not writable: {e.strerror}")
+
+
+def check_own_data(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--image-size, --stl10-fold and --labels-per-class all go with the datasets they fit."""
+    if args.image_size is not None:
+        if not args.dataset.startswith("folder:"):
+            p.error("--image-size applies to folder: datasets only (the others have one size)")
+        if args.image_size < data.MIN_SIZE:
+            p.error(f"--image-size must be >= {data.MIN_SIZE}, got {args.image_size}")
+    if args.stl10_fold is not None:
+        if args.dataset != "stl10":
+            p.error("--stl10-fold applies to --dataset stl10 only")
+        if not 0 <= args.stl10_fold <= 9:
+            p.error(f"--stl10-fold must be in 0..9 (STL-10 has 10 folds), got {args.stl10_fold}")
+        if args.labels_per_class is not None or args.labeled_idx or args.lt_labeled:
+            p.error("--stl10-fold sets the labeled set; do not combine it with --labels-per-class, "
+                    "--labeled-idx or the long-tailed flags")
+    if args.labels_per_class == "all" and (args.labeled_idx or args.lt_labeled):
+        p.error("--labels-per-class all does not combine with --labeled-idx or the long-tailed split")
 
 
 def check_labeled_idx(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -315,7 +378,8 @@ def check_long_tailed(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
     if args.labeled_idx is not None:
         return
     if all(v is None for v in lt + [args.imb_ratio_u]):
-        args.labels_per_class = 4 if args.labels_per_class is None else args.labels_per_class
+        if args.labels_per_class is None and args.stl10_fold is None:
+            args.labels_per_class = 4
         return
     if any(v is None for v in lt):
         p.error("the long-tailed split needs --lt-labeled, --lt-unlabeled and --imb-ratio-l together")

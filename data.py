@@ -1,6 +1,7 @@
 """Datasets, the labeled/unlabeled split, index sampling and batched on-device augmentation.
 
-The training images live on the training device as uint8 (N, 3, H, W). A step draws index
+The training images live on the training device (or, with --data-device cpu, in pinned host
+memory) as uint8 (N, C, H, W), C = 3 or 1 (grayscale; docs/own_data.md). A step draws index
 batches and augments whole batches at once with per-image random parameters (docs/method.md, docs/speed.md):
 
     weak   alpha : horizontal flip, then translation by up to 4 px with reflect padding
@@ -28,6 +29,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 
 import numpy as np
 import torch
@@ -39,17 +41,42 @@ CIFAR_URLS = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.g
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
 
-def load_dataset(name: str, data_dir: str = "data") -> dict:
-    """`cifar10`, `cifar100` (torchvision, downloaded into data_dir) or `npz:PATH`.
+BUILTIN = ("cifar10", "cifar100", "stl10", "svhn", "mnist", "fashionmnist", "usps")
+DIGITS = ("svhn", "mnist", "usps")  # no horizontal flip by default: a flipped digit is another glyph
+DATASET_HELP = ("cifar10, cifar100, stl10, svhn, mnist, fashionmnist, usps, npz:PATH or "
+                "folder:PATH")
 
-    Returns a dict with numpy arrays x_train (N, H, W, 3) uint8, y_train (N,) int64, x_test,
-    y_test, and `classes` (list of names) and `num_classes`.
+
+def is_dataset_name(name: str) -> bool:
+    return name in BUILTIN or name.startswith(("npz:", "folder:"))
+
+
+def load_dataset(name: str, data_dir: str = "data", image_size: int | None = None) -> dict:
+    """`cifar10`, `cifar100`, `stl10`, `svhn`, `mnist`, `fashionmnist`, `usps` (torchvision,
+    downloaded into data_dir), `npz:PATH` or `folder:PATH` (an image folder, docs/own_data.md).
+
+    Returns a dict with numpy arrays x_train (N, H, W, C) uint8 with C = 3 or 1, y_train (N,)
+    int64, x_test, y_test, optionally x_unlabeled (M, H, W, C) (images without labels), and
+    `classes` (list of names) and `num_classes`.
     """
     if name.startswith("npz:"):
-        return load_npz(name[4:])
-    if name in CIFAR_URLS:
-        return load_cifar(name, data_dir)
-    raise ValueError(f"unknown dataset {name!r}: use cifar10, cifar100 or npz:PATH")
+        d = load_npz(name[4:])
+    elif name.startswith("folder:"):
+        d = load_folder(name[7:], image_size)
+    elif name in CIFAR_URLS:
+        d = load_cifar(name, data_dir)
+    elif name == "stl10":
+        d = load_stl10(data_dir)
+    elif name == "svhn":
+        d = load_svhn(data_dir)
+    elif name in MNIST_FAMILY:
+        d = load_mnist_family(name, data_dir)
+    else:
+        raise ValueError(f"unknown dataset {name!r}: use {DATASET_HELP}")
+    for key in ("x_train", "x_test", "x_unlabeled"):
+        if key in d and d[key].ndim == 3:  # single-channel (N, H, W): give it its channel axis
+            d[key] = d[key][..., None]
+    return d
 
 
 def load_cifar(name: str, data_dir: str) -> dict:
@@ -88,6 +115,28 @@ NPZ_HELP = ("expected an archive written by np.savez(path, x_train=..., y_train=
             "y_test=..., classes=...)")
 
 
+def check_images(x: np.ndarray, what: str) -> np.ndarray:
+    """Images as uint8 (N, H, W, C) with C = 3 (colour) or 1 (grayscale; (N, H, W) is accepted
+    and given its channel axis). Anything else is a ValueError naming `what`."""
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise ValueError(f"{what} must have shape (N, H, W, 3) (colour) or (N, H, W) / "
+                         f"(N, H, W, 1) (grayscale), got {x.shape}")
+    if x.dtype != np.uint8:
+        raise ValueError(f"{what} must be uint8 in 0..255, got {x.dtype}")
+    if len(x) == 0:
+        raise ValueError(f"{what} is empty")
+    if min(x.shape[1:3]) < MIN_SIZE:
+        raise ValueError(f"{what}: images are {x.shape[1]} x {x.shape[2]}; the augmentation "
+                         f"needs at least {MIN_SIZE} x {MIN_SIZE} pixels")
+    return x
+
+
+def _shape_words(x: np.ndarray) -> str:
+    return f"{x.shape[1]} x {x.shape[2]} with {x.shape[3]} channel{'s' * (x.shape[3] != 1)}"
+
+
 def _npz_member(f, path: str, key: str) -> np.ndarray:
     """One array of an open .npz, with every way of failing turned into a ValueError."""
     try:
@@ -120,23 +169,23 @@ def load_npz(path: str) -> dict:
     d = {k: _npz_member(f, path, k) for k in ("x_train", "y_train", "x_test", "y_test")}
     for split in ("train", "test"):
         x, y = d[f"x_{split}"], d[f"y_{split}"]
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"{path}: x_{split} must have shape (N, H, W, 3), got {x.shape} "
-                             "(for grayscale use np.repeat(x[..., None], 3, -1))")
-        if x.dtype != np.uint8:
-            raise ValueError(f"{path}: x_{split} must be uint8 in 0..255, got {x.dtype}")
+        d[f"x_{split}"] = x = check_images(x, f"{path}: x_{split}")
         if y.ndim != 1 or len(y) != len(x):
             raise ValueError(f"{path}: y_{split} must have shape ({len(x)},), got {y.shape}")
         if not np.issubdtype(y.dtype, np.integer):
             raise ValueError(f"{path}: y_{split} must be integers, got {y.dtype}")
-        if len(x) == 0:
-            raise ValueError(f"{path}: x_{split} is empty")
-        if min(x.shape[1:3]) < MIN_SIZE:
-            raise ValueError(f"{path}: images are {x.shape[1]} x {x.shape[2]}; the augmentation "
-                             f"needs at least {MIN_SIZE} x {MIN_SIZE} pixels")
+    if "x_unlabeled" in f.files:  # images without labels: they join the unlabeled set only
+        d["x_unlabeled"] = check_images(_npz_member(f, path, "x_unlabeled"), f"{path}: x_unlabeled")
+        if d["x_unlabeled"].shape[1:] != d["x_train"].shape[1:]:
+            raise ValueError(f"{path}: x_unlabeled images are {_shape_words(d['x_unlabeled'])} but "
+                             f"x_train images are {_shape_words(d['x_train'])}; they must match")
     if d["x_train"].shape[1:] != d["x_test"].shape[1:]:
         raise ValueError(f"{path}: train and test images differ in size: "
                          f"{d['x_train'].shape[1:]} vs {d['x_test'].shape[1:]}")
+    for key in f.files:
+        if key not in ("x_train", "y_train", "x_test", "y_test", "classes", "x_unlabeled"):
+            print(f"warning: {path}: array {key!r} is not used (known: x_train, y_train, x_test, "
+                  f"y_test, classes, x_unlabeled)", file=sys.stderr)
     classes = [str(c) for c in _npz_member(f, path, "classes")] if "classes" in f.files else None
     k = len(classes) if classes is not None else int(d["y_train"].max()) + 1
     for split in ("train", "test"):
@@ -283,6 +332,214 @@ def load_mnist_family(name: str, data_dir: str) -> dict:
     return d
 
 
+# ---------------------------------------------------------------- STL-10, SVHN
+
+STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+STL10_FILES = {"x_train": "train_X.bin", "y_train": "train_y.bin", "x_test": "test_X.bin",
+               "y_test": "test_y.bin", "x_unlabeled": "unlabeled_X.bin"}
+
+
+def _download(cls_name: str, data_dir: str, what: str, advice: str, **kw) -> None:
+    """torchvision's download of one dataset into data_dir, every failure as one line."""
+    import torchvision
+    created = not os.path.exists(data_dir)
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)  # a blocked network should fail, not hang
+    try:
+        for split_kw in kw.get("splits", [{}]):
+            getattr(torchvision.datasets, cls_name)(data_dir, download=True, **split_kw)
+    except Exception as e:  # noqa: BLE001 - any download failure gets the same advice
+        if created:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(f"{what} is not in {os.path.abspath(data_dir)} and could not be "
+                           f"downloaded ({type(e).__name__}: {reason}); {advice}") from None
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+
+
+def load_stl10(data_dir: str) -> dict:
+    """STL-10: 5,000 labeled training images (500 per class), 8,000 test images and 100,000
+    unlabeled images (x_unlabeled), 96 x 96 x 3, read from data_dir/stl10_binary/ (torchvision's
+    download; the binary files store each channel column-major). `folds`: the 10 predefined
+    labeled folds of fold_indices.txt (--stl10-fold)."""
+    folder = os.path.join(data_dir, "stl10_binary")
+    advice = (f"download stl10_binary.tar.gz (https://ai.stanford.edu/~acoates/stl10/) and "
+              f"extract it into {os.path.abspath(data_dir)} (so that {folder}/train_X.bin "
+              f"exists), then run again with --data-dir {data_dir}")
+    if not os.path.isdir(folder):
+        _download("STL10", data_dir, "stl10", advice, splits=[{"split": "train"}])
+    d = {}
+    for key, fname in STL10_FILES.items():
+        path = os.path.join(folder, fname)
+        if not os.path.isfile(path):
+            raise ValueError(f"{path} is missing; {advice}")
+        raw = np.fromfile(path, dtype=np.uint8)
+        if key.startswith("y_"):
+            if raw.size == 0 or raw.min() < 1 or raw.max() > 10:
+                raise ValueError(f"{path}: labels must lie in 1..10; replace the file ({advice})")
+            d[key] = raw.astype(np.int64) - 1
+        else:
+            if raw.size == 0 or raw.size % (3 * 96 * 96):
+                raise ValueError(f"{path}: {raw.size} bytes is not a whole number of 96 x 96 x 3 "
+                                 f"images; replace the file ({advice})")
+            d[key] = raw.reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1)  # (N, C, W, H) -> (N, H, W, C)
+    for split in ("train", "test"):
+        if len(d[f"x_{split}"]) != len(d[f"y_{split}"]):
+            raise ValueError(f"{folder}: {len(d['x_' + split])} {split} images but "
+                             f"{len(d['y_' + split])} labels; replace the files ({advice})")
+    fold_file = os.path.join(folder, "fold_indices.txt")
+    if os.path.isfile(fold_file):
+        with open(fold_file) as fh:
+            d["folds"] = [np.array(line.split(), dtype=np.int64) for line in fh if line.strip()]
+    d["classes"], d["num_classes"] = list(STL10_CLASSES), 10
+    return d
+
+
+def load_svhn(data_dir: str) -> dict:
+    """SVHN (cropped digits, 32 x 32 x 3): train_32x32.mat (73,257) and test_32x32.mat (26,032) in
+    data_dir, as torchvision downloads them; label 10 is the digit 0. The extra set is not used."""
+    files = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
+    advice = (f"download {' and '.join(files.values())} from http://ufldl.stanford.edu/housenumbers/ "
+              f"into {os.path.abspath(data_dir)}, then run again with --data-dir {data_dir}")
+    if not all(os.path.isfile(os.path.join(data_dir, f)) for f in files.values()):
+        _download("SVHN", data_dir, "svhn", advice, splits=[{"split": "train"}, {"split": "test"}])
+    try:
+        import scipy.io
+    except ImportError:
+        raise RuntimeError("reading SVHN's .mat files needs scipy: pip install scipy") from None
+    d = {}
+    for split, fname in files.items():
+        path = os.path.join(data_dir, fname)
+        try:
+            m = scipy.io.loadmat(path)
+            x, y = np.asarray(m["X"], dtype=np.uint8), np.asarray(m["y"]).reshape(-1)
+        except Exception as e:  # noqa: BLE001 - any unreadable .mat is the same error to the user
+            raise ValueError(f"{path}: not a readable SVHN file ({type(e).__name__}); delete it "
+                             f"and run again to download it, or: {advice}") from None
+        d[f"x_{split}"] = np.ascontiguousarray(x.transpose(3, 0, 1, 2))  # (H, W, C, N) -> (N, H, W, C)
+        d[f"y_{split}"] = (y.astype(np.int64) % 10)
+    d["classes"], d["num_classes"] = [str(i) for i in range(10)], 10
+    return d
+
+
+# ---------------------------------------------------------------- image folders
+
+IMAGE_HELP = "folder:PATH needs PATH/train/<class>/<images> and PATH/test/<class>/<images>"
+
+
+def _image_files(folder: str) -> list[str]:
+    """Every file below folder, any nesting, sorted; hidden files and folders (.DS_Store,
+    .ipynb_checkpoints) left out."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")]
+    return out
+
+
+def _bad_files(bad: list[str]) -> ValueError:
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    return ValueError(f"{len(bad)} file(s) are not readable images: {', '.join(bad[:3])}{more}; "
+                      f"remove or replace them")
+
+
+def _decode_images(paths: list[str], image_size: int | None) -> np.ndarray:
+    """Decode with PIL once: all grayscale -> (N, H, W, 1), else RGB (N, H, W, 3); resized to
+    image_size x image_size (bilinear) if given, else all sizes must agree. A first pass reads
+    only the headers (mode, size), so that no decoded image is held twice."""
+    from PIL import Image
+    heads, bad = [], []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                heads.append((im.mode, im.size))
+        except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a non-image
+            bad.append(f"{p} ({type(e).__name__})")
+    if bad:
+        raise _bad_files(bad)
+    gray = all(mode in ("1", "L", "LA", "I", "I;16", "F") for mode, _ in heads)
+    if image_size is None:
+        first = {}
+        for p, (_, size) in zip(paths, heads):
+            first.setdefault(size, p)
+            if len(first) > 1:
+                (s0, p0), (s1, p1) = first.items()
+                raise ValueError(f"images differ in size: {p0} is {s0[0]} x {s0[1]} but {p1} is "
+                                 f"{s1[0]} x {s1[1]}; pass --image-size S to resize all to S x S")
+    w, h = (image_size, image_size) if image_size else heads[0][1]
+    x = np.empty((len(paths), h, w, 1 if gray else 3), dtype=np.uint8)
+    for i, p in enumerate(paths):
+        try:
+            with Image.open(p) as im:
+                im = im.convert("L" if gray else "RGB")
+                if im.size != (w, h):
+                    im = im.resize((w, h), Image.Resampling.BILINEAR)
+                x[i] = np.asarray(im, dtype=np.uint8).reshape(h, w, -1)
+        except Exception as e:  # noqa: BLE001 - e.g. a truncated file fails only when decoded
+            bad.append(f"{p} ({type(e).__name__})")
+    if bad:
+        raise _bad_files(bad)
+    return x
+
+
+def load_folder(path: str, image_size: int | None = None) -> dict:
+    """An image folder: PATH/train/<class>/*, PATH/test/<class>/* (labeled; class names = the
+    folder names, sorted, index = position) and optional PATH/unlabeled/ (any images, any
+    nesting; x_unlabeled). Decoded once with PIL into uint8 arrays; every image of the three
+    parts must have one size, or image_size resizes them all. Grayscale only if every image is."""
+    if not os.path.isdir(path):
+        raise ValueError(f"folder dataset {path!r} is not a directory; {IMAGE_HELP}")
+    parts, classes = {}, None
+    for split in ("train", "test"):
+        top = os.path.join(path, split)
+        if not os.path.isdir(top):
+            raise ValueError(f"{top} does not exist; {IMAGE_HELP}")
+        names = sorted(d for d in os.listdir(top) if os.path.isdir(os.path.join(top, d))
+                       and not d.startswith("."))
+        if split == "train":
+            classes = names
+            if len(classes) < 2:
+                raise ValueError(f"{top} holds {len(classes)} class folder(s); classification needs "
+                                 f"at least 2 (one folder per class)")
+        elif not set(names) <= set(classes):
+            extra = sorted(set(names) - set(classes))
+            raise ValueError(f"{top} has class folder(s) {extra} that {path}/train does not have")
+        files, labels = [], []
+        for c, name in enumerate(classes):
+            folder = os.path.join(top, name)
+            got = _image_files(folder) if os.path.isdir(folder) else []
+            if not got and split == "train":
+                raise ValueError(f"class folder {folder} is empty; put its labeled images there or "
+                                 f"remove the folder")
+            files += got
+            labels += [c] * len(got)
+        if not files:
+            raise ValueError(f"{top} holds no images; {IMAGE_HELP}")
+        parts[split] = (files, np.array(labels, dtype=np.int64))
+    unl = os.path.join(path, "unlabeled")
+    if os.path.isdir(unl):
+        files = _image_files(unl)
+        if not files:
+            raise ValueError(f"{unl} holds no images; put the unlabeled images there or remove it")
+        parts["unlabeled"] = (files, None)
+    order = [k for k in ("train", "test", "unlabeled") if k in parts]
+    every = [f for k in order for f in parts[k][0]]
+    x = _decode_images(every, image_size)
+    if min(x.shape[1:3]) < MIN_SIZE:
+        raise ValueError(f"{path}: images are {x.shape[1]} x {x.shape[2]}; the augmentation needs "
+                         f"at least {MIN_SIZE} x {MIN_SIZE} pixels (pass --image-size)")
+    d, start = {}, 0
+    for k in order:
+        n = len(parts[k][0])
+        d["x_unlabeled" if k == "unlabeled" else f"x_{k}"] = x[start:start + n]
+        if parts[k][1] is not None:
+            d[f"y_{k}"] = parts[k][1]
+        start += n
+    d["classes"], d["num_classes"] = list(classes), len(classes)
+    return d
+
+
 def split_labeled(y: np.ndarray, n_per_class: int, seed: int, num_classes: int | None = None
                   ) -> np.ndarray:
     """Indices of the labeled set: for each class k = 0..K-1 in turn, a shuffle of its indices by
@@ -311,6 +568,73 @@ def split_indices(y: np.ndarray, k: int, args) -> tuple[np.ndarray, np.ndarray]:
         return split_long_tailed(y, args.lt_labeled, args.lt_unlabeled, args.imb_ratio_l,
                                  args.imb_ratio_u, args.seed, k)
     return split_labeled(y, args.labels_per_class, args.seed, k), np.arange(len(y))
+
+
+def make_splits(ds: dict, args) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labeled, unlabeled, validation) indices into the training pool, i.e. x_train followed by
+    x_unlabeled (training_pool). The labeled and unlabeled sets are split_indices' (or the
+    --stl10-fold, or with --labels-per-class all every training image with a label); the images
+    without labels join the unlabeled set. --val-per-class N holds N labeled images per class out
+    of both sets, chosen by a seeded shuffle of their own (numpy Generator of (seed, 1)) among the
+    images the labeled set does not use, so the labeled set is the one the run without a
+    validation split gets."""
+    y, k = ds["y_train"], ds["num_classes"]
+    n, m = len(y), len(ds.get("x_unlabeled", ()))
+    val = np.zeros(0, dtype=np.int64)
+    fold = getattr(args, "stl10_fold", None)
+    n_val = getattr(args, "val_per_class", 0) or 0
+    if fold is not None:
+        if "folds" not in ds or fold >= len(ds["folds"]):
+            raise ValueError(f"--stl10-fold {fold}: the dataset has {len(ds.get('folds', []))} folds")
+        lb, ulb = np.sort(ds["folds"][fold]), np.arange(n)
+        check_index_range(lb, n, "fold_indices.txt")
+    elif args.labels_per_class == "all":
+        lb, ulb = np.arange(n), np.arange(n)
+    else:
+        lb, ulb = split_indices(y, k, args)
+    if n_val:
+        rest = np.setdiff1d(np.arange(n), lb) if args.labels_per_class != "all" else lb
+        rng = np.random.default_rng((args.seed, 1))
+        picked = []
+        for c in range(k):
+            idx = rest[y[rest] == c]
+            if len(idx) < n_val:
+                n_lab = 0 if args.labels_per_class == "all" else int((y[lb] == c).sum())
+                raise ValueError(f"--val-per-class {n_val} is larger than class "
+                                 f"{ds['classes'][c]!r} allows: it has {int((y == c).sum())} "
+                                 f"training images, {n_lab} of them labeled; lower --val-per-class")
+            rng.shuffle(idx)
+            picked.append(idx[:n_val])
+        val = np.sort(np.concatenate(picked)).astype(np.int64)
+        lb, ulb = lb[~np.isin(lb, val)], ulb[~np.isin(ulb, val)]
+    return lb, np.concatenate([ulb, np.arange(n, n + m)]).astype(np.int64), val
+
+
+def training_pool(ds: dict) -> tuple[np.ndarray, np.ndarray]:
+    """x_train followed by x_unlabeled (if any), with the label -1 ("none") for the latter."""
+    if "x_unlabeled" not in ds:
+        return ds["x_train"], ds["y_train"]
+    x = np.concatenate([ds["x_train"], ds["x_unlabeled"]])
+    return x, np.concatenate([ds["y_train"], np.full(len(ds["x_unlabeled"]), -1, dtype=np.int64)])
+
+
+def dataset_stats(ds: dict) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (in [0, 1] units) of the training images: x_train's
+    (channel_stats), or, with images without labels, of x_train and x_unlabeled together, from
+    exact integer sums in chunks (a float64 copy of 100,000 STL-10 images would need 22 GB)."""
+    if "x_unlabeled" not in ds:
+        return channel_stats(ds["x_train"])
+    c = ds["x_train"].shape[-1]
+    total, sq, count = np.zeros(c, dtype=np.int64), np.zeros(c, dtype=np.int64), 0
+    for x in (ds["x_train"], ds["x_unlabeled"]):
+        for i in range(0, len(x), 1024):
+            chunk = x[i:i + 1024].reshape(-1, c).astype(np.int64)
+            total += chunk.sum(0)
+            sq += (chunk * chunk).sum(0)
+            count += len(chunk)
+    mean = total / (255.0 * count)
+    var = np.maximum(sq / (255.0 ** 2 * count) - mean ** 2, 0.0)
+    return mean.tolist(), np.sqrt(var).tolist()
 
 
 def sha256_of(path: str) -> str:
@@ -426,14 +750,34 @@ def per_class_first(y: np.ndarray, n: int, rng: np.random.Generator, num_classes
 
 
 def channel_stats(x_train: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of the training images, in [0, 1] units."""
-    x = x_train.reshape(-1, 3).astype(np.float64) / 255.0
+    """Per-channel mean and std of the training images (N, H, W, C), in [0, 1] units."""
+    x = x_train.reshape(-1, x_train.shape[-1]).astype(np.float64) / 255.0
     return x.mean(0).tolist(), x.std(0).tolist()
 
 
-def to_tensor_images(x: np.ndarray, device: torch.device | str) -> torch.Tensor:
-    """(N, H, W, 3) uint8 numpy -> (N, 3, H, W) uint8 tensor on `device` (the data stays uint8)."""
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+def to_tensor_images(x: np.ndarray, device: torch.device | str, pin: bool = False) -> torch.Tensor:
+    """(N, H, W, C) uint8 numpy -> (N, C, H, W) uint8 tensor on `device` (the data stays uint8);
+    pin=True puts host memory in page-locked memory (fast, asynchronous copies to a GPU)."""
+    t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+    return t.pin_memory() if pin else t
+
+
+def data_home(data_device: str, dev: torch.device) -> tuple[torch.device, bool]:
+    """Where the uint8 images live (--data-device): the training device, or the host ("cpu"),
+    pinned when the training device is a GPU so that each batch's copy is asynchronous."""
+    if data_device == "cpu":
+        return torch.device("cpu"), dev.type == "cuda"
+    return dev, False
+
+
+def gather(x: torch.Tensor, idx: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """x[idx] on the training device. For host-resident images (--data-device cpu) the indices
+    are read back (one host sync per batch) and the uint8 batch is copied to the device before
+    augmentation, so the same pixels reach the same random ops as with device-resident data."""
+    if x.device == idx.device:
+        return x[idx]
+    batch = x[idx.cpu()]
+    return (batch.pin_memory() if x.is_pinned() else batch).to(dev, non_blocking=True)
 
 
 class IndexSampler:
@@ -478,6 +822,7 @@ AFFINE = [OP[o] for o in ("Rotate", "ShearX", "ShearY", "TranslateX", "Translate
 ENHANCE = [OP[o] for o in ("Brightness", "Color", "Contrast", "Sharpness")]
 LOOKUP = [OP[o] for o in ("AutoContrast", "Equalize", "Posterize", "Solarize")]
 CUTOUT_FILL = (125.0, 123.0, 114.0)
+CUTOUT_FILL_L = (123.0,)  # the grey in PIL's mode L: (19595*125 + 38470*123 + 7471*114 + 2^15) >> 16
 LOW = tuple(float(RANGES[o][0]) for o in OPS)
 HIGH = tuple(float(RANGES[o][1]) for o in OPS)
 
@@ -563,7 +908,11 @@ def _affine(x: torch.Tensor, op: torch.Tensor, v: torch.Tensor, present=AFFINE) 
 
 
 def _grayscale(x: torch.Tensor) -> torch.Tensor:
-    """PIL's RGB -> L: (19595 R + 38470 G + 7471 B + 2^15) >> 16 (exact in float32)."""
+    """PIL's RGB -> L: (19595 R + 38470 G + 7471 B + 2^15) >> 16 (exact in float32). A
+    single-channel image is its own grayscale (PIL's convert("L") of an L image is a copy), so
+    Color is the identity there and Contrast blends with the image's rounded mean."""
+    if x.shape[1] == 1:
+        return x
     r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
     return torch.floor((19595.0 * r + 38470.0 * g + 7471.0 * b + 32768.0) / 65536.0)
 
@@ -706,12 +1055,13 @@ def flip_translate(x: torch.Tensor, flip: torch.Tensor, dy: torch.Tensor, dx: to
     return x.reshape(n, c, h * w).gather(2, idx).view(n, c, h, w)
 
 
-def weak(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
+def weak(x: torch.Tensor, g: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
     """alpha: random horizontal flip, then a random translation of -pad..pad px in x and y with
     reflect padding (torchvision RandomHorizontalFlip + RandomCrop(padding=pad, 'reflect')).
-    uint8 (N, 3, H, W) in and out."""
+    flip=False (--no-flip, e.g. digits) never flips; it still draws the flip coins, so the
+    translations are the ones the flipping run draws. uint8 (N, C, H, W) in and out."""
     n, dev = x.shape[0], x.device
-    flip = torch.rand(n, generator=g, device=dev) < 0.5
+    flip = (torch.rand(n, generator=g, device=dev) < 0.5) & flip
     dy = torch.randint(-pad, pad + 1, (n,), generator=g, device=dev)
     dx = torch.randint(-pad, pad + 1, (n,), generator=g, device=dev)
     return flip_translate(x, flip, dy, dx)
@@ -750,31 +1100,36 @@ def cutout(x: torch.Tensor, g: torch.Generator, max_frac: float = 0.5) -> torch.
 
 def fill_box(x: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor, y1: torch.Tensor,
              x1: torch.Tensor) -> torch.Tensor:
-    """Fill pixels y0 <= y < y1, x0 <= x < x1 of each image with the grey (125, 123, 114)."""
-    n, _, h, w = x.shape
+    """Fill pixels y0 <= y < y1, x0 <= x < x1 of each image with the grey (125, 123, 114), or
+    its grayscale value 123 for single-channel images."""
+    n, c, h, w = x.shape
     xs = torch.arange(w, device=x.device).view(1, 1, w)
     ys = torch.arange(h, device=x.device).view(1, h, 1)
     in_x = (xs >= x0.view(n, 1, 1)) & (xs < x1.view(n, 1, 1))  # (n, 1, w): separable, cheap
     in_y = (ys >= y0.view(n, 1, 1)) & (ys < y1.view(n, 1, 1))  # (n, h, 1)
     box = (in_y & in_x).unsqueeze(1)
-    fill = _const(CUTOUT_FILL, x.device, x.dtype).view(1, 3, 1, 1)
+    fill = _const(CUTOUT_FILL if c == 3 else CUTOUT_FILL_L, x.device, x.dtype).view(1, c, 1, 1)
     return x * ~box + fill * box  # exact (0/1 masks), and much cheaper than where on CPU
 
 
-def strong(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """A: weak, RandAugment(3 ops), Cutout. uint8 (N, 3, H, W) in and out."""
-    return cutout(_rand_augment_(weak(x, g), g), g)
+def strong(x: torch.Tensor, g: torch.Generator, flip: bool = True) -> torch.Tensor:
+    """A: weak, RandAugment(3 ops), Cutout. uint8 (N, C, H, W) in and out."""
+    return cutout(_rand_augment_(weak(x, g, flip=flip), g), g)
 
 
 class Normalize:
-    """(x / 255 - mean) / std per channel, optionally to channels_last (for the conv net)."""
+    """(x / 255 - mean) / std per channel (as many channels as mean has), optionally to
+    channels_last (for the conv net). Images on another device (host-resident data, --data-device
+    cpu) are moved to this one first."""
 
     def __init__(self, mean: list[float], std: list[float], device, channels_last: bool = False):
-        self.scale = (1.0 / (255.0 * torch.tensor(std, device=device))).view(1, 3, 1, 1)
-        self.shift = (torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(1, 3, 1, 1)
+        c = len(mean)
+        self.scale = (1.0 / (255.0 * torch.tensor(std, device=device))).view(1, c, 1, 1)
+        self.shift = (torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(1, c, 1, 1)
         self.channels_last = channels_last
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.scale.device, non_blocking=True)  # no-op for device-resident data
         out = x.float() * self.scale - self.shift
         return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
 
@@ -802,13 +1157,13 @@ def save_npz(path: str, arrays: dict) -> None:
 
 def main(argv=None) -> None:
     import argparse
-    p = argparse.ArgumentParser(description="Build a class-balanced subset of CIFAR (or of an npz: "
-                                "dataset) in the project's npz: format, e.g. the CPU-scale set: "
+    p = argparse.ArgumentParser(description="Build a class-balanced subset of a dataset in the "
+                                "project's npz: format, e.g. the CPU-scale set: "
                                 "python data.py make-subset --out cifar10-5k.npz",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("command", choices=["make-subset"])
-    p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100 or npz:PATH")
-    p.add_argument("--data-dir", default="data", help="where CIFAR is (or is downloaded to)")
+    p.add_argument("--dataset", default="cifar10", help=DATASET_HELP)
+    p.add_argument("--data-dir", default="data", help="where the dataset is (or is downloaded to)")
     p.add_argument("--per-class-train", type=int, default=500, help="training images per class")
     p.add_argument("--per-class-test", type=int, default=100, help="test images per class")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-class choice")

@@ -51,6 +51,15 @@ def scores_all(model: torch.nn.Module, x_u8: torch.Tensor, normalize,
     return outputs_all(model, x_u8, normalize, batch_size)[0]
 
 
+def val_metrics(model: torch.nn.Module, x_u8: torch.Tensor, y: torch.Tensor, normalize,
+                batch_size: int = 1024) -> dict:
+    """{"val_acc": top-1 on the validation images} (--val-per-class), or {} when there are none."""
+    if not len(y):
+        return {}
+    pred = scores_all(model, x_u8, normalize, batch_size).argmax(1)
+    return {"val_acc": (pred == y).double().mean().item()}
+
+
 def class_groups(labeled_counts: list[int]) -> dict[str, list[int]]:
     """Head / medium / tail classes (docs/long_tailed.md): classes sorted by labeled count, most
     first (ties by class index), cut into ceil(K/3), K - 2 ceil(K/3) and ceil(K/3) classes."""
@@ -100,8 +109,9 @@ def resolve_dataset(a: dict, state: dict, dataset: str | None, data_dir: str | N
             return path
         return os.path.join(state["cwd"], path)
     name = dataset or a["dataset"]
-    if name.startswith("npz:"):
-        name = "npz:" + here_or_there(name[4:])
+    for prefix in ("npz:", "folder:"):
+        if name.startswith(prefix):
+            name = prefix + here_or_there(name[len(prefix):])
     return name, data_dir or here_or_there(a["data_dir"])
 
 
@@ -117,7 +127,8 @@ def load_run_model(state: dict, num_classes: int, device: str):
     classifier = classifier_run(state)
     # runs from before --wrn-variant existed used the TensorFlow-original network
     model = Encoder(num_classes, a["arch"], classifier=classifier,
-                    variant=a.get("wrn_variant", "tf")).to(device)
+                    variant=a.get("wrn_variant", "tf"),
+                    in_channels=state["ema"]["backbone.stem.weight"].shape[1]).to(device)
     model.load_state_dict(state["ema"])
     return model
 
@@ -128,7 +139,7 @@ def evaluate_checkpoint(path: str, per_class: bool = False, data_dir: str | None
     state, f = read_checkpoint(path)
     a = state["args"]
     name, ddir = resolve_dataset(a, state, dataset, data_dir)
-    ds = data.load_dataset(name, ddir)
+    ds = data.load_dataset(name, ddir, a.get("image_size"))
     k_ckpt = len(state.get("classes") or []) or None
     if k_ckpt is not None and k_ckpt != ds["num_classes"]:
         raise ValueError(f"{name} has {ds['num_classes']} classes but the run in {f} was trained "
@@ -173,6 +184,10 @@ def main(argv=None) -> None:
                    help="device to evaluate on (default: cuda if available, else cpu)")
     p.add_argument("--table", metavar="RESULTS_DIR",
                    help="write RESULTS_DIR/table1.md from every result.json below it and print it")
+    p.add_argument("--table-acc", choices=["final", "at-best-val"], default="final",
+                   help="--table cells: the final test accuracy (the paper's), or the test "
+                        "accuracy at the evaluation with the best validation accuracy (runs "
+                        "with --val-per-class)")
     p.add_argument("--lt-table", metavar="RESULTS_DIR",
                    help="write RESULTS_DIR/lt_table.md for the long-tailed runs below it and print it")
     p.add_argument("--al-table", metavar="RESULTS_DIR",
@@ -201,7 +216,8 @@ def main(argv=None) -> None:
         except (CheckpointError, ValueError, RuntimeError, KeyError) as e:
             sys.exit(f"evaluate.py: error: {str(e).strip(chr(39))}")
         return
-    tables = ((args.table, report.table1, "table1.md"), (args.lt_table, report.lt_table, "lt_table.md"),
+    table1 = lambda d: report.table1(d, args.table_acc)  # noqa: E731
+    tables = ((args.table, table1, "table1.md"), (args.lt_table, report.lt_table, "lt_table.md"),
               (args.al_table, report.al_table, "al_table.md"))
     for folder, make, name in tables:
         if folder:

@@ -26,7 +26,10 @@ def named(stats: torch.Tensor) -> dict:
 
 
 def public_args(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in HIDDEN_ARGS}
+    """The arguments saved with a run; a flag added later is left out at the value that older
+    runs had (checkpoint.OLD_DEFAULTS: e.g. flip is written only when it is off)."""
+    return {k: v for k, v in vars(args).items() if k not in HIDDEN_ARGS
+            and not (k in checkpoint.OLD_DEFAULTS and v == checkpoint.OLD_DEFAULTS[k])}
 
 
 # ---------------------------------------------------------------- metrics.jsonl
@@ -82,7 +85,37 @@ def epoch_metrics(run, test: dict, lr: float) -> dict:
             # SimMatch: how often argmax p_hat and argmax of the aligned p_w were right
             "pl_acc_p_hat": s["correct_p_hat"] / n_ulb if simmatch else None,
             "pl_acc_p_w": s["correct_p_w"] / n_ulb if simmatch else None,
-            "elapsed_s": round(run.elapsed, 1), "pl_per_class": per_class_pl(run.pl_confusion)}
+            "elapsed_s": round(run.elapsed, 1), "pl_per_class": per_class_pl(run.pl_confusion),
+            **known_label_pl(run)}
+
+
+def known_label_pl(run) -> dict:
+    """With images that have no label (x_unlabeled, folder:PATH/unlabeled), the pseudo-label
+    accuracies are over the unlabeled-batch images that do have one (the confusion counts only
+    those), and pl_labeled_fraction says what share of the unlabeled batches that was. Nothing
+    for data whose images all have labels (every field as before)."""
+    if not getattr(run, "n_no_label", 0):
+        return {}
+    c = run.pl_confusion.double().cpu()
+    n_ulb = named(run.stats)["n_ulb"]
+    ok = lambda g: c[g].trace().item() / c[g].sum().item() if c[g].sum() else None  # noqa: E731
+    out = {"pl_acc_confident": ok(0), "pl_acc_selected": ok(1),
+           "pl_labeled_fraction": c.sum().item() / n_ulb if n_ulb else None}
+    if run.args.loss == "simmatch" and c.sum():  # counted over all; only labeled ones can be right
+        s = named(run.stats)
+        out.update(pl_acc_p_hat=s["correct_p_hat"] / c.sum().item(),
+                   pl_acc_p_w=s["correct_p_w"] / c.sum().item())
+    return out
+
+
+def record(run, m: dict) -> bool:
+    """Append an evaluation to the test (and validation) history; True when its validation
+    accuracy is the best so far (ties: the later evaluation), i.e. best_val.pt is to be kept."""
+    run.history.append(m["test_acc"])
+    if "val_acc" not in m:
+        return False
+    run.val_history.append(m["val_acc"])
+    return m["val_acc"] >= max(run.val_history)
 
 
 # ---------------------------------------------------------------- printed lines
@@ -92,7 +125,10 @@ def start_line(run, ipb: int) -> str:
     amp = str(run.amp_dtype).replace("torch.", "") if run.amp_dtype else "off"
     entropy = (f" (beta {a.entropy_ratio}, {a.entropy_weighting} weighting, first "
                f"{a.entropy_epochs} epochs, {a.pair_weight} pair weight)" if a.loss == "entropy" else "")
-    return (f"{a.dataset}: {len(run.x_train)} train / {len(run.x_test)} test images, {run.k} "
+    own = (f" ({run.n_no_label} without labels)" if getattr(run, "n_no_label", 0) else "")
+    own += f", {len(run.val_idx)} validation" if len(getattr(run, "val_idx", ())) else ""
+    own += "" if getattr(a, "flip", True) else ", no flips"
+    return (f"{a.dataset}: {len(run.x_train)} train{own} / {len(run.x_test)} test images, {run.k} "
             f"classes, {len(run.lb)} labeled | loss {a.loss}{entropy} | {a.arch} (BN momentum "
             f"{a.bn_momentum:g}) on {device_name(run.dev)}, amp {amp} | "
             f"{run.total} steps x {ipb} images -> {a.out}")
@@ -110,9 +146,12 @@ def progress_line(run, lr: float, rate: float, ipb: int) -> str:
 def eval_line(m: dict) -> str:
     pct = lambda v: "-" if v is None else f"{100 * v:.1f} %"  # noqa: E731
     w = "-" if m["mean_weight"] is None else format(m["mean_weight"], ".3f")
-    return (f"epoch {m['epoch']:.2f}: test acc {100 * m['test_acc']:.2f} % (EMA) | pseudo-label "
+    val = f", validation {100 * m['val_acc']:.2f} %" if "val_acc" in m else ""
+    known = (f" (over the {pct(m['pl_labeled_fraction'])} of unlabeled images that have a label)"
+             if m.get("pl_labeled_fraction") is not None else "")
+    return (f"epoch {m['epoch']:.2f}: test acc {100 * m['test_acc']:.2f} % (EMA){val} | pseudo-label "
             f"accuracy: confident {pct(m['pl_acc_confident'])}, entropy-selected "
-            f"{pct(m['pl_acc_selected'])} | mean unlabeled weight {w}")
+            f"{pct(m['pl_acc_selected'])}{known} | mean unlabeled weight {w}")
 
 
 # ---------------------------------------------------------------- TensorBoard
@@ -164,11 +203,27 @@ def write_result(run) -> dict:
            "final": run.last_test, "labeled_counts": run.labeled_counts, "evaluations": len(h),
            "steps": run.step, "wall_time_s": round(run.elapsed, 1),
            "device": device_name(run.dev), "versions": versions(), "args": public_args(run.args)}
+    res.update(validation_result(run))
     checkpoint.write_text(os.path.join(run.args.out, "result.json"), checkpoint.dumps_json(res, indent=1))
     return res
 
 
+def validation_result(run) -> dict:
+    """--val-per-class: the final and best validation accuracy and the test accuracy of the
+    evaluation with the best validation accuracy (the latest one among ties: the checkpoint
+    best_val.pt). Whether the weak augmentation flipped: args.flip (written when off)."""
+    out, v = {}, run.val_history
+    if v:
+        best = max(i for i in range(len(v)) if v[i] == max(v))
+        out.update(val_acc=v[-1], best_val_acc=v[best], test_acc_at_best_val=run.history[best],
+                   best_val_evaluation=best + 1, val_per_class=run.args.val_per_class,
+                   val_images=len(run.val_idx))
+    return out
+
+
 def done_line(res: dict, out: str) -> str:
+    val = (f", at the best validation ({100 * res['best_val_acc']:.2f} %) "
+           f"{100 * res['test_acc_at_best_val']:.2f} %" if "best_val_acc" in res else "")
     return (f"done: final {100 * res['final_acc']:.2f} %, median of last 20 "
-            f"{100 * res['median_last20_acc']:.2f} %, best {100 * res['best_acc']:.2f} % "
+            f"{100 * res['median_last20_acc']:.2f} %, best {100 * res['best_acc']:.2f} %{val} "
             f"-> {out}/result.json")

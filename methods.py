@@ -94,10 +94,12 @@ def diagnostics(o: Out, k: int, pred: torch.Tensor, confident: torch.Tensor,
 def pl_confusion(y_true: torch.Tensor, pred: torch.Tensor, group: torch.Tensor,
                  k: int) -> torch.Tensor:
     """(3, K, K) float64 counts of (group, true class, predicted class), by one index_add
-    (bincount would read its output size back to the host on a GPU)."""
-    flat = (group * k + y_true) * k + pred
+    (bincount would read its output size back to the host on a GPU). Images without a label
+    (true class -1: x_unlabeled) are not counted."""
+    known = y_true >= 0
+    flat = (group * k + y_true.clamp(min=0)) * k + pred
     out = torch.zeros(3 * k * k, device=pred.device, dtype=torch.float64)
-    return out.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64)).view(3, k, k)
+    return out.index_add_(0, flat, known.double()).view(3, k, k)
 
 
 def no_unlabeled(device, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,7 +55,7 @@ class WideResNet(nn.Module):
     final BN eps 1e-5."""
 
     def __init__(self, depth: int = 28, width: int = 2, bn_momentum: float = BN_MOMENTUM,
-                 variant: str = "usb"):
+                 variant: str = "usb", in_channels: int = 3):
         super().__init__()
         if (depth - 4) % 6 or depth < 10:
             raise ValueError(f"WRN depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...), got {depth}")
@@ -64,7 +64,7 @@ class WideResNet(nn.Module):
         n = (depth - 4) // 6
         widths = [16, 16 * width, 32 * width, 64 * width]
         usb = variant == "usb"
-        self.stem = nn.Conv2d(3, widths[0], 3, 1, 1, bias=usb)
+        self.stem = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=usb)  # the data's channels
         blocks = []
         for g, stride in enumerate((1, 2, 2)):
             for i in range(n):
@@ -87,10 +87,11 @@ class Encoder(nn.Module):
     methods (docs/peers.md), a linear classifier on the pooled backbone feature instead of prototypes."""
 
     def __init__(self, num_classes: int, arch: str = "wrn-28-2", dim: int = 128,
-                 bn_momentum: float = BN_MOMENTUM, classifier: bool = False, variant: str = "usb"):
+                 bn_momentum: float = BN_MOMENTUM, classifier: bool = False, variant: str = "usb",
+                 in_channels: int = 3):
         super().__init__()
         depth, width = parse_arch(arch)
-        self.backbone = WideResNet(depth, width, bn_momentum, variant)
+        self.backbone = WideResNet(depth, width, bn_momentum, variant, in_channels)
         self.head = nn.Sequential(nn.Linear(self.backbone.out_dim, dim), nn.ReLU(inplace=True),
                                   nn.Linear(dim, dim))
         self.prototypes = None if classifier else nn.Parameter(torch.randn(num_classes, dim))

@@ -348,10 +348,11 @@ def query(args: argparse.Namespace) -> dict:
         print(f"warning: {ckpt} is at step {state['step']} of {total}: the run has not finished",
               file=sys.stderr)
     name, ddir = resolve_dataset(a, state, args.dataset, args.data_dir)
-    ds = data.load_dataset(name, ddir)
+    ds = data.load_dataset(name, ddir, a.get("image_size"))
     n_train = len(ds["x_train"])
     labeled = np.sort(state["labeled_idx"].numpy())
     unlabeled = state["unlabeled_idx"].numpy() if "unlabeled_idx" in state else np.arange(n_train)
+    unlabeled = unlabeled[unlabeled < n_train]  # images without a label (x_unlabeled) have no oracle
     if len(state.get("classes") or []) not in (0, ds["num_classes"]) or labeled.max() >= n_train:
         raise ValueError(f"{name} ({ds['num_classes']} classes, {n_train} training images) is not "
                          f"the dataset {ckpt} was trained on; pass it with --dataset / --data-dir")

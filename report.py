@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from checkpoint import CheckpointError, atomic_write, read_checkpoint
+from checkpoint import OLD_DEFAULTS, CheckpointError, atomic_write, read_checkpoint
 PAPER = {  # [N&O] Table 1, top-1 test accuracy (%), WRN-28-2
     ("cifar10", 4): (94.41, 94.59), ("cifar10", 25): (94.71, 94.55),
     ("cifar100", 4): (45.13, 46.39), ("cifar100", 25): (64.44, 64.97),
@@ -27,7 +27,7 @@ PAPER = {  # [N&O] Table 1, top-1 test accuracy (%), WRN-28-2
 # are seeds of one experiment. Every other setting, including flags added later, separates rows.
 NOT_CONFIG = {"seed", "out", "data_dir", "device", "log_every", "eval_every", "save_every",
               "compile", "eval_batch_size", "tensorboard", "amp", "channels_last",
-              "skip_nonfinite", "debug_nan_step", "out_created"}
+              "skip_nonfinite", "debug_nan_step", "out_created", "data_device"}
 # the protocol of [N&O] Table 1 (docs/method.md); a run at another setting of these is its own row
 PROTOCOL = {"epochs": 256, "steps_per_epoch": 1024, "batch_size": 64, "mu": 7, "lr": 0.03,
             "arch": "wrn-28-2", "threshold": 0.95, "ema_decay": 0.999}
@@ -43,9 +43,11 @@ PEER_PUBLISHED = {
 
 
 def config_key(a: dict) -> tuple:
-    """The configuration of a run's arguments. A flag at None is left out: that is how a run
-    from before the flag existed reads it, so the two stay seeds of one experiment."""
-    return tuple(sorted((k, repr(v)) for k, v in a.items() if k not in NOT_CONFIG and v is not None))
+    """The configuration of a run's arguments. A flag at None, or at the value that a run from
+    before the flag existed had (OLD_DEFAULTS), is left out: that is how such a run reads it, so
+    the two stay seeds of one experiment."""
+    return tuple(sorted((k, repr(v)) for k, v in a.items() if k not in NOT_CONFIG and v is not None
+                        and not (k in OLD_DEFAULTS and v == OLD_DEFAULTS[k])))
 
 
 def read_results(results_dir: str) -> list[tuple[str, dict]]:
@@ -104,16 +106,26 @@ def differing(a: dict, others: list[dict], protocol: bool = True) -> str:
     """The settings of run a that differ from the paper protocol (with protocol) or from the
     other rows of its cell, as flags."""
     keys = {k for k, v in PROTOCOL.items() if a.get(k) != v} if protocol else set()
-    keys |= {k for b in others for k in set(a) | set(b)
-             if k not in NOT_CONFIG and a.get(k) != b.get(k)}
+    keys |= {k for b in others for k in set(a) | set(b) if k not in NOT_CONFIG
+             and a.get(k, OLD_DEFAULTS.get(k)) != b.get(k, OLD_DEFAULTS.get(k))}
     keys.discard("labeled_idx_sha256")  # the file's path says which labeled set
     return " ".join(f"--{k.replace('_', '-')} {a.get(k)}" for k in sorted(keys)) or "-"
 
 
-def table1(results_dir: str) -> str:
+TABLE_ACC = {  # --table-acc: which test accuracy a cell reports, and how the table says so
+    "final": (lambda r: float(r["final_acc"]), "at the end of training"),
+    "at-best-val": (lambda r: r.get("test_acc_at_best_val"),
+                    "at the evaluation with the best validation accuracy (runs with a validation "
+                    "split only)"),
+}
+
+
+def table1(results_dir: str, acc: str = "final") -> str:
     """Table 1 (paper protocol, one configuration per cell), the peers beside their published
-    numbers, and every other configuration or dataset as its own row."""
-    groups = collect_results(results_dir)
+    numbers, and every other configuration or dataset as its own row. acc: the final test
+    accuracy (the paper's) or the test accuracy at the best validation evaluation."""
+    field, when = TABLE_ACC[acc]
+    groups = collect_results(results_dir, field)
     if not groups:
         raise ValueError(f"no result.json under {results_dir}; give the OUT_DIR of run_all.sh "
                          f"(or a folder holding train.py runs)")
@@ -135,7 +147,7 @@ def table1(results_dir: str) -> str:
         p_base, p_ent = PAPER[(ds, n)]
         lines.append(f"| {NAMES[ds]} | {n} | {p_base:.2f} | {cell(ds, n, 'base')} | {p_ent:.2f} | "
                      f"{cell(ds, n, 'entropy')} |")
-    lines.append("\nTop-1 test accuracy (%) of the EMA model at the end of training, mean ± std "
+    lines.append(f"\nTop-1 test accuracy (%) of the EMA model {when}, mean ± std "
                  "over seeds; runs at the paper's protocol (256 x 1024 steps, B 64, mu 7, "
                  "WRN-28-2).\n")
     methods = sorted({a["loss"] for a, _ in groups.values()} - {"base", "entropy"})
@@ -176,7 +188,8 @@ def other_rows(groups: dict, keys: list) -> list[str]:
                 (groups[k][0]["dataset"], groups[k][0]["labels_per_class"], groups[k][0]["loss"])
                 == (a["dataset"], a["labels_per_class"], a["loss"])]
         split = (a["labels_per_class"] if a["labels_per_class"] is not None else
-                 "long-tailed" if a.get("lt_labeled") else "--labeled-idx")
+                 "long-tailed" if a.get("lt_labeled") else f"fold {a['stl10_fold']}"
+                 if a.get("stl10_fold") is not None else "--labeled-idx")
         rows.append((a["dataset"], split, a["loss"], differing(a, same), format_cell(vals)))
     lines += [f"| {d} | {n} | {m} | {diff} | {v} |" for d, n, m, diff, v in sorted(rows, key=str)]
     return lines

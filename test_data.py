@@ -247,7 +247,7 @@ def test_npz_errors(tmp_path, over, msg):
 
 def test_unknown_dataset_and_missing_files(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset"):
-        data.load_dataset("mnist")
+        data.load_dataset("imagenet")
     with pytest.raises(ValueError, match="does not exist"):
         data.load_dataset("npz:" + str(tmp_path / "nope.npz"))
     (tmp_path / "junk.npz").write_bytes(b"not a zip")

@@ -24,7 +24,7 @@ import ddp
 import logs
 import methods
 from checkpoint import fail
-from evaluate import eval_metrics, scores_all
+from evaluate import eval_metrics, scores_all, val_metrics
 from model import Encoder
 
 
@@ -76,19 +76,24 @@ class Run:
             ddp.init(dev.type)
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest convs once
-        # data: on the device as uint8, augmented there in whole batches
+        # data: on the device as uint8 (or in pinned host memory, --data-device cpu), augmented
+        # on the device in whole batches; images without labels carry the label -1
         try:
-            ds = data.load_dataset(args.dataset, args.data_dir)
+            ds = data.load_dataset(args.dataset, args.data_dir, args.image_size)
             self.k = ds["num_classes"]
-            self.labeled_idx, self.unlabeled_idx = data.split_indices(ds["y_train"], self.k, args)
+            self.labeled_idx, self.unlabeled_idx, self.val_idx = data.make_splits(ds, args)
         except (ValueError, RuntimeError) as e:
             fail(str(e))
         self.classes = ds["classes"]
-        self.mean, self.std = data.channel_stats(ds["x_train"])
-        self.x_train = data.to_tensor_images(ds["x_train"], dev)
-        self.y_train = torch.from_numpy(ds["y_train"]).to(dev)
-        self.x_test = data.to_tensor_images(ds["x_test"], dev)
+        self.mean, self.std = data.dataset_stats(ds)
+        x_pool, y_pool = data.training_pool(ds)
+        self.n_no_label = len(x_pool) - len(ds["x_train"])  # images without a label
+        home, pin = data.data_home(args.data_device, dev)
+        self.x_train = data.to_tensor_images(x_pool, home, pin)
+        self.y_train = torch.from_numpy(y_pool).to(dev)
+        self.x_test = data.to_tensor_images(ds["x_test"], home, pin)
         self.y_test = torch.from_numpy(ds["y_test"]).to(dev)
+        self.x_val, self.y_val = self.x_train[self.val_idx], self.y_train[self.val_idx]
         self.lb = torch.from_numpy(self.labeled_idx).to(dev)
         self.ulb = torch.from_numpy(self.unlabeled_idx).to(dev)
         self.labeled_counts = np.bincount(ds["y_train"][self.labeled_idx], minlength=self.k).tolist()
@@ -96,8 +101,8 @@ class Run:
         # model, EMA copy, optimiser; the seed fixes the initialisation
         torch.manual_seed(args.seed)
         self.model = Encoder(self.k, args.arch, bn_momentum=args.bn_momentum,
-                             classifier=args.loss in methods.CLASSIFIER,
-                             variant=args.wrn_variant).to(dev)
+                             classifier=args.loss in methods.CLASSIFIER, variant=args.wrn_variant,
+                             in_channels=self.x_train.shape[1]).to(dev)
         if args.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.world > 1 and dev.type == "cuda":  # BN over the global batch, as [G] ran it
@@ -128,6 +133,7 @@ class Run:
         self.total = args.epochs * args.steps_per_epoch
         self.step = 0
         self.history: list[float] = []  # test accuracy of each evaluation
+        self.val_history: list[float] = []  # validation accuracy of each (--val-per-class)
         self.last_test: dict = {}  # the metrics of the last evaluation
         self.elapsed = 0.0  # training seconds over all sessions
         self.stats, self.pl_confusion = self.new_stats(), self.new_confusion()
@@ -147,15 +153,16 @@ class Run:
         with the labels, the labeled images' positions in the labeled set, and the unlabeled
         images' true labels (for the diagnostics only)."""
         pos_lb = self.sampler_lb.next()
-        idx = self.lb[pos_lb]
-        x_lb, y_lb = self.x_train[idx], self.y_train[idx]
-        parts = [data.weak(x_lb, self.g_aug)]
+        idx, flip = self.lb[pos_lb], self.args.flip
+        x_lb, y_lb = data.gather(self.x_train, idx, self.dev), self.y_train[idx]
+        parts = [data.weak(x_lb, self.g_aug, flip=flip)]
         y_ulb, n_ulb = None, 0
         if self.sampler_ulb is not None:
             idx_ulb = self.ulb[self.sampler_ulb.next()]
-            x_ulb, y_ulb, n_ulb = self.x_train[idx_ulb], self.y_train[idx_ulb], len(idx_ulb)
-            parts += [data.weak(x_ulb, self.g_aug),
-                      *data.strong(torch.cat([x_ulb] * self.n_strong), self.g_aug).split(n_ulb)]
+            x_ulb, y_ulb = data.gather(self.x_train, idx_ulb, self.dev), self.y_train[idx_ulb]
+            n_ulb = len(idx_ulb)
+            parts += [data.weak(x_ulb, self.g_aug, flip=flip), *data.strong(
+                torch.cat([x_ulb] * self.n_strong), self.g_aug, flip=flip).split(n_ulb)]
         self.view_sizes = [len(v) for v in parts]
         if self.world > 1:  # the same global batch on every rank; each forwards its own slice
             parts = ddp.local_views(parts, self.rank, self.world)
@@ -198,7 +205,9 @@ class Run:
         scores = scores_all(self.ema, self.x_test, self.norm, self.args.eval_batch_size)
         if self.args.loss not in methods.CLASSIFIER:
             scores = scores / self.args.pl_temp
-        return eval_metrics(scores, self.y_test, self.labeled_counts, self.args.logit_adjust)
+        m = eval_metrics(scores, self.y_test, self.labeled_counts, self.args.logit_adjust)
+        val = val_metrics(self.ema, self.x_val, self.y_val, self.norm, self.args.eval_batch_size)
+        return {**m, **val}  # val_acc with --val-per-class
 
     def lr(self) -> float:
         """The learning rate of the last step, as the optimiser has it."""
@@ -219,6 +228,7 @@ class Run:
             "sampler_ulb": self.sampler_ulb.state_dict() if self.sampler_ulb else {},
             "labeled_idx": torch.from_numpy(self.labeled_idx),
             "unlabeled_idx": torch.from_numpy(self.unlabeled_idx),
+            "val_idx": torch.from_numpy(self.val_idx), "val_history": list(self.val_history),
             "mean": self.mean, "std": self.std, "classes": list(self.classes),
             "history": list(self.history), "elapsed": self.elapsed, "last_test": self.last_test,
             "stats": self.stats.cpu(), "pl_confusion": self.pl_confusion.cpu(),
@@ -230,6 +240,7 @@ class Run:
         checkpoint.check_resumable(s, self.args, self.dev, self.amp_dtype, self.world)
         same_ulb = "unlabeled_idx" not in s or np.array_equal(s["unlabeled_idx"].numpy(),
                                                                self.unlabeled_idx)
+        same_ulb &= np.array_equal(s.get("val_idx", torch.zeros(0)).numpy(), self.val_idx)
         if not np.array_equal(s["labeled_idx"].numpy(), self.labeled_idx) or not same_ulb:
             fail(f"{self.args.out}: the labeled split differs from the checkpoint's (dataset changed?)")
         self.model.load_state_dict(s["model"])
@@ -244,6 +255,7 @@ class Run:
         if self.sampler_ulb:
             self.sampler_ulb.load_state_dict(s["sampler_ulb"])
         self.step, self.history, self.elapsed = s["step"], list(s["history"]), s["elapsed"]
+        self.val_history = list(s.get("val_history", []))
         self.last_test = s.get("last_test", {})
         self.stats = s["stats"].to(self.dev)
         self.pl_confusion = s["pl_confusion"].to(self.dev)
@@ -251,12 +263,13 @@ class Run:
         if self.method_state:
             self.method_state.load_state_dict(s["method_state"])
 
-    def save(self, board: logs.Board) -> None:
+    def save(self, board: logs.Board, best: bool = False) -> None:
         """Checkpoint (never a non-finite state); TensorBoard's points up to this step are flushed
-        first, so that a resume from this checkpoint neither loses nor repeats any."""
+        first, so that a resume from this checkpoint neither loses nor repeats any. best: also
+        keep it as OUT/best_val.pt (the best validation accuracy so far)."""
         self.guard.check()
         board.flush()
-        checkpoint.save_checkpoint(self.args.out, self.state_dict())
+        checkpoint.save_checkpoint(self.args.out, self.state_dict(), best)
 
 
 # ---------------------------------------------------------------- the recipe
@@ -322,14 +335,14 @@ def train(args) -> dict:
             if run.step % steps_per_eval == 0 or run.step == run.total:
                 run.guard.check()
                 run.last_test = run.evaluate()
-                run.history.append(run.last_test["test_acc"])
+                best = logs.record(run, run.last_test)  # test (and validation) history
                 m = logs.epoch_metrics(run, run.last_test, run.lr())
                 logs.append_jsonl(metrics_path, m)
                 print(logs.eval_line(m), flush=True)
                 logs.write_confusion(args.out, run.pl_confusion)
                 board.scalars("eval", m, run.step)
                 run.stats, run.pl_confusion = run.new_stats(), run.new_confusion()
-                run.save(board)
+                run.save(board, best)
             elif args.save_every and run.step % args.save_every == 0:
                 run.save(board)
             t_log += time.perf_counter() - t_pause  # img/s counts training time only

@@ -19,7 +19,9 @@ CONFIG_KEYS = ("dataset", "labels_per_class", "loss", "seed", "arch", "epochs", 
                "bn_momentum", "channels_last", "wrn_variant", "pair_weight", "lambda_u", "lambda_c",
                "ccssl_temp", "lambda_in", "bank_momentum", "bank_temp", "smoothing_alpha",
                "da_len", "lt_labeled", "lt_unlabeled", "imb_ratio_l", "imb_ratio_u", "hard_weight",
-               "labeled_idx_sha256")
+               "labeled_idx_sha256", "oheml_scale", "lambda_cons", "cons_temp", "semi_bank_size",
+               "semi_decay", "semi_decay_step", "semi_proto_temp", "semi_alpha",
+               "semi_ramp_epochs", "semi_start_epoch", "la_tau_x", "la_tau_u", "semi_feature")
 
 
 class CheckpointError(Exception):

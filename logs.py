@@ -82,7 +82,9 @@ def epoch_metrics(run, test: dict, lr: float) -> dict:
             # SimMatch: how often argmax p_hat and argmax of the aligned p_w were right
             "pl_acc_p_hat": s["correct_p_hat"] / n_ulb if simmatch else None,
             "pl_acc_p_w": s["correct_p_w"] / n_ulb if simmatch else None,
-            "elapsed_s": round(run.elapsed, 1), "pl_per_class": per_class_pl(run.pl_confusion)}
+            "elapsed_s": round(run.elapsed, 1), "pl_per_class": per_class_pl(run.pl_confusion),
+            # SeMi: OHEML weight histograms of the interval (its state resets them)
+            **(run.method_state.metrics() if hasattr(run.method_state, "metrics") else {})}
 
 
 # ---------------------------------------------------------------- printed lines

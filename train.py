@@ -24,7 +24,7 @@ import ddp
 import logs
 import methods
 from checkpoint import fail
-from evaluate import eval_metrics, scores_all
+from evaluate import eval_metrics, head1_metrics, outputs_all
 from model import Encoder
 
 
@@ -97,7 +97,8 @@ class Run:
         torch.manual_seed(args.seed)
         self.model = Encoder(self.k, args.arch, bn_momentum=args.bn_momentum,
                              classifier=args.loss in methods.CLASSIFIER,
-                             variant=args.wrn_variant).to(dev)
+                             variant=args.wrn_variant,
+                             balanced=args.loss in methods.BALANCED_HEAD).to(dev)
         if args.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.world > 1 and dev.type == "cuda":  # BN over the global batch, as [G] ran it
@@ -107,7 +108,7 @@ class Run:
         if self.world > 1:  # FixMatch does not use the projection head: DDP must allow that
             self.forward = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[dev.index] if dev.type == "cuda" else None,
-                find_unused_parameters=args.loss == "fixmatch")
+                find_unused_parameters=args.loss in ("fixmatch", "semi"))
         if args.compile:
             self.forward = torch.compile(self.forward)
         self.opt = make_optimizer(self.model, args)
@@ -123,7 +124,8 @@ class Run:
         self.step_fn = methods.STEPS[args.loss]
         self.n_strong = methods.STRONG_VIEWS[args.loss]
         self.method_state = methods.make_state(args.loss, self.y_train[self.lb], self.k, args.da_len,
-                                               torch.Generator(dev).manual_seed(args.seed + 4))
+                                               torch.Generator(dev).manual_seed(args.seed + 4),
+                                               args, self.model.backbone.out_dim)
         # progress and what is logged
         self.total = args.epochs * args.steps_per_epoch
         self.step = 0
@@ -195,10 +197,11 @@ class Run:
     def evaluate(self) -> dict:
         """Test metrics of the EMA model (float32, eval mode): overall, per-class, head / medium /
         tail, raw and logit-adjusted. Prototype scores are cos / T_pl, as in Eq. (4)."""
-        scores = scores_all(self.ema, self.x_test, self.norm, self.args.eval_batch_size)
+        scores, _, h = outputs_all(self.ema, self.x_test, self.norm, self.args.eval_batch_size)
         if self.args.loss not in methods.CLASSIFIER:
             scores = scores / self.args.pl_temp
-        return eval_metrics(scores, self.y_test, self.labeled_counts, self.args.logit_adjust)
+        m = eval_metrics(scores, self.y_test, self.labeled_counts, self.args.logit_adjust)
+        return m | head1_metrics(self.ema, h, self.y_test, self.labeled_counts, self.args.logit_adjust)
 
     def lr(self) -> float:
         """The learning rate of the last step, as the optimiser has it."""

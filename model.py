@@ -96,9 +96,7 @@ class Encoder(nn.Module):
                                   nn.Linear(dim, dim))
         self.prototypes = None if classifier else nn.Parameter(torch.randn(num_classes, dim))
         self.classifier = nn.Linear(self.backbone.out_dim, num_classes) if classifier else None
-        # SeMi's second, balanced head (docs/long_tailed.md). Registered last, so it is
-        # initialised after everything else: every other model's initialisation is unchanged.
-        self.classifier_b = nn.Linear(self.backbone.out_dim, num_classes) if balanced else None
+        self.classifier_b = None
         for m in self.modules():
             if isinstance(m, nn.Conv2d):  # the stem's bias (usb) keeps PyTorch's default init
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
@@ -108,6 +106,11 @@ class Encoder(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.xavier_normal_(m.weight)
                 nn.init.zeros_(m.bias)
+        if balanced:  # SeMi's second, balanced head (docs/long_tailed.md), drawn after the rest:
+            # the other parameters are initialised exactly as in a one-head model of the same seed
+            self.classifier_b = nn.Linear(self.backbone.out_dim, num_classes)
+            nn.init.xavier_normal_(self.classifier_b.weight)
+            nn.init.zeros_(self.classifier_b.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(z, logits): the L2-normalised projection, and the classifier logits (None without

@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 SEEDS=${SEEDS:-0}                 # seeds to run
-METHODS=${METHODS:-base entropy}  # --loss values: base entropy fixmatch ccssl simmatch
+METHODS=${METHODS:-base entropy}  # --loss values: base entropy fixmatch ccssl simmatch semi
 EPOCHS=${EPOCHS:-256}             # epochs of 1024 steps (the paper: 256)
 DATA_DIR=${DATA_DIR:-data}        # CIFAR is downloaded here on first use
 OUT_DIR=${OUT_DIR:-results}       # one sub-directory per run, plus table1.md

@@ -5,7 +5,6 @@ kill-and-resume with the bank, no host sync in the step, the command-line rules.
 import json
 import math
 import random
-import signal
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,11 +15,12 @@ import config
 import evaluate
 import losses
 import methods
+import report
 import train
 from conftest import drop, lt_args, tiny_args
 from model import Encoder
 from test_methods import forbid_host_sync
-from test_reliability import assert_same_state, final_state, run_cli
+from test_reliability import assert_same_state, final_state
 
 K, B, U, C, M = 4, 6, 8, 5, 3  # classes, labeled, unlabeled, feature dim, bank slots
 
@@ -212,7 +212,7 @@ def test_state_round_trips():
 class Args:
     loss, threshold, oheml_scale, lambda_cons, cons_temp = "semi", 0.7, 0.75, 0.15, 0.09
     semi_bank_size, semi_decay, semi_decay_step, semi_proto_temp = M, 0.9, 2, 0.1
-    semi_alpha, semi_ramp_epochs, semi_start_epoch = 0.4, 3, 1
+    semi_alpha, semi_ramp_epochs, semi_start_epoch = 0.4, 2, 1
     la_tau_x, la_tau_u, semi_feature, steps_per_epoch = 2.0, 2.0, "pooled", 2
 
 
@@ -257,6 +257,7 @@ def ref_step(o, a, st, step, prior):
         pl.append(argmax(p))
         conf.append(max(p))
         mask.append(max(p) >= a.threshold or max(p_raw) >= a.threshold)
+        st["raw_only"] += max(p) < a.threshold <= max(p_raw)  # the mask's second half matters
         h = -sum(x * math.log(x) for x in p if x > 0) / math.log(K)
         w.append(a.oheml_scale * h + 1 - a.oheml_scale if on else 1.0)
         p_h2 = softmax64([w_[b][c] - adj_u[c] for c in range(K)])
@@ -288,13 +289,14 @@ def ref_step(o, a, st, step, prior):
 
 @pytest.fixture
 def stepped():
-    """Five steps (epochs 0, 0, 1, 1, 2: off, then on with the blend's ramp and pi_hat) of
-    semi_step and the loop reference from the same state."""
+    """Seven steps (epochs 0, 0, 1, 1, 2, 2, 3: off, then on, the blend's ramp 0.5 then capped
+    at 1, pi_hat refreshed) of semi_step and the loop reference from the same state."""
     a, s = Args(), methods.SemiState(Y_LB, K, C, M, 2.0, 2.0)
     prior = (torch.bincount(Y_LB, minlength=K).double() / len(Y_LB)).tolist()
-    st = {"rows": rows_of(s), "share": [1.0] * K, "counts": [0] * K, "center": [0.0] * C}
+    st = {"rows": rows_of(s), "share": [1.0] * K, "counts": [0] * K, "center": [0.0] * C,
+          "raw_only": 0}
     out = []
-    for step in range(5):
+    for step in range(7):
         o = semi_out(step)
         loss, diag, _ = methods.semi_step(o, MODEL, a, step, s)
         ref, mask, w = ref_step(o, a, st, step, prior)
@@ -312,6 +314,7 @@ def test_semi_step_against_the_loop_reference(stepped):
     assert s.share.tolist() == pytest.approx(st["share"], abs=1e-6)
     assert s.center.tolist() == pytest.approx(st["center"], abs=1e-6)
     assert 0 < sum(st["share"]) and st["share"] != [1.0] * K  # pi_hat was refreshed and used
+    assert st["raw_only"] > 0  # some samples pass the mask by the raw teacher only
     assert s.hist[0].sum() == sum(sum(x[6]) for x in stepped[2:])  # OHEML weights, epochs 1-2
 
 
@@ -377,23 +380,44 @@ def test_semi_trains_every_split_and_evaluate_agrees(tiny_npz, tmp_path, split):
     r = evaluate.evaluate_checkpoint(str(out))
     assert abs(r["top1"] - res["final_acc"]) < 1e-6  # head 2 predicts, in training and here
     assert r["metrics"]["test_acc_head1"] == pytest.approx(m[-1]["test_acc_head1"])
+    if split == "labeled_idx":  # query.py scores a semi run (head 2's probabilities, pooled feature)
+        import query
+        query.main([str(out), "--n", "2", "--strategy", "margin", "--device", "cpu",
+                    "--out", str(tmp_path / "next.txt")])
+        assert len((tmp_path / "next.txt").read_text().split()) == 7
 
 
-def test_semi_kill_and_resume_is_bitwise_exact_with_the_bank(tiny_npz, tmp_path):
-    extra = ["--epochs", "3", "--steps-per-epoch", "4", "--save-every", "1"]
-    args = lambda out: SEMI(tiny_args(tiny_npz, out, *extra))  # noqa: E731
-    rc, log = run_cli(args(tmp_path / "ref"))
-    assert rc == 0, log
-    k = random.Random("semi").randrange(6, 11)  # after the parts switch on (epoch 1)
-    rc, log = run_cli(args(tmp_path / "killed"), kill_after_step=k)
-    assert rc == -signal.SIGKILL, log
-    rc, log = run_cli(args(tmp_path / "killed"))
-    assert rc == 0 and "resumed from" in log, log
-    ref, got = final_state(tmp_path / "ref"), final_state(tmp_path / "killed")
+def test_semi_interrupt_and_resume_is_bitwise_exact_with_the_bank(tiny_npz, tmp_path, monkeypatch):
+    """Stopped mid-run (after the parts switch on, between two bank decays) and resumed from the
+    per-step checkpoint: the same final model, optimiser and SeMi state as an uninterrupted run.
+    In-process (the SIGKILL version for the other methods is test_methods.py's)."""
+    extra = ["--epochs", "3", "--steps-per-epoch", "4", "--save-every", "1", "--semi-decay-step", "3"]
+    # threshold 0.97: some samples pass the mask (the bank fills), others not (L_cons, its centre)
+    args = lambda out: SEMI(tiny_args(tiny_npz, out, *extra)) + ["--threshold", "0.97"]  # noqa: E731
+    train.main(args(tmp_path / "ref"))
+    k = random.Random("semi").randrange(9, 11)  # pi_hat refreshed from nonzero counts at step 7
+    real = train.Run.train_step
+
+    def stop_at_k(self):
+        if self.step == k:
+            raise KeyboardInterrupt
+        real(self)
+    monkeypatch.setattr(train.Run, "train_step", stop_at_k)
+    with pytest.raises(SystemExit, match="interrupted at step"):
+        train.main(args(tmp_path / "stopped"))
+    monkeypatch.setattr(train.Run, "train_step", real)
+    assert final_state(tmp_path / "stopped")["step"] == k
+    train.main(args(tmp_path / "stopped"))
+    ref, got = final_state(tmp_path / "ref"), final_state(tmp_path / "stopped")
     assert_same_state(ref, got)
     assert (ref["method_state"]["conf"] > 0).any()
+    m = [json.loads(x) for x in open(tmp_path / "ref" / "metrics.jsonl")]
+    assert all(0 < r["confident"] < 1 for r in m[1:])
     for key in ref["method_state"]:
         assert torch.equal(ref["method_state"][key], got["method_state"][key]), key
+    lines = lambda out: [json.loads(x) for x in open(out / "metrics.jsonl")]  # noqa: E731
+    assert lines(tmp_path / "ref") == [dict(m, elapsed_s=r["elapsed_s"]) for m, r in
+                                       zip(lines(tmp_path / "stopped"), lines(tmp_path / "ref"))]
 
 
 def test_semi_step_reads_nothing_back_to_the_host(tiny_npz, tmp_path):
@@ -427,3 +451,13 @@ def test_semi_flags_belong_to_semi(tiny_npz, tmp_path, capsys):
     with pytest.raises(SystemExit):
         config.get_args(base + ["--loss", "semi", "--semi-alpha", "1.5"])
     assert "--semi-alpha must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_lt_table_has_semi_rows_for_both_heads(tiny_npz, tmp_path):
+    train.main(SEMI(lt_args(tiny_npz, tmp_path / "lt" / "semi_s0")))
+    text = report.lt_table(str(tmp_path / "lt"))
+    rows = [line for line in text.splitlines() if "| semi" in line]
+    assert len(rows) == 2 and "semi, head 1" in rows[1] and "not run" not in rows[1].split("|")[4]
+    res = json.load(open(tmp_path / "lt" / "semi_s0" / "result.json"))
+    assert f"{100 * res['final']['test_acc_head1']:.2f} (1 seed)" in rows[1]
+    assert f"{100 * res['final']['test_acc']:.2f} (1 seed)" in rows[0]

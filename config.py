@@ -53,7 +53,7 @@ def make_parser() -> argparse.ArgumentParser:
     # ---------------------------------------------------------------- method ([G], [N&O])
     a("--loss", choices=list(methods.STEPS), default="entropy",
       help="base = [G] Eqs. (5)-(7); entropy = [N&O] Eqs. (8)-(14); fixmatch, ccssl, simmatch = "
-           "the peer methods under the same protocol")
+           "the peer methods under the same protocol; semi = SeMi (long-tailed; docs/long_tailed.md)")
     a("--threshold", type=float, default=None,
       help="confidence threshold tau of Eq. (5) (the peers' mask threshold p_cutoff too); "
            "default 0.95, for --loss semi 0.7 (SeMi's README; its code's default is 0.95)")
@@ -92,6 +92,7 @@ def make_parser() -> argparse.ArgumentParser:
     a("--hard-weight", type=float, default=None,
       help="fixmatch/ccssl/simmatch: SeMi's entropy hard-example weight s: each unlabeled loss "
            "term times s H(p)/log K + 1 - s, from epoch 5 on (default 0: off)")
+    # SeMi in full (--loss semi, docs/long_tailed.md); --threshold defaults to 0.7 for it
     a("--oheml-scale", type=float, default=None,
       help="semi: OHEML hard-example weight s: each unlabeled term of head 1 times "
            "s H(p')/log K + 1 - s (default 0.75)")

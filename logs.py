@@ -26,7 +26,11 @@ def named(stats: torch.Tensor) -> dict:
 
 
 def public_args(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in HIDDEN_ARGS}
+    """The arguments a run records (checkpoint, result.json). SeMi's flags are left out where they
+    do not apply (None), so that every other configuration records exactly what it did before
+    they existed (a missing key reads as None in the resume check)."""
+    return {k: v for k, v in vars(args).items()
+            if k not in HIDDEN_ARGS and not (k in methods.SEMI_FLAGS and v is None)}
 
 
 # ---------------------------------------------------------------- metrics.jsonl

@@ -50,6 +50,7 @@ FLAGS = {
     "semi_start_epoch": (6, ("semi",)), "la_tau_x": (2.0, ("semi",)), "la_tau_u": (2.0, ("semi",)),
     "semi_feature": ("pooled", ("semi",)),
 }
+SEMI_FLAGS = tuple(k for k, (_, owners) in FLAGS.items() if owners == ("semi",))
 DIAG = ("n_ulb", "confident", "entropy_selected", "unconfident", "correct_confident",
         "correct_selected", "weight_sum", "correct_p_hat", "correct_p_w")
 

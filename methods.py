@@ -61,7 +61,7 @@ class Out:
     z_lb: torch.Tensor                   # (B, D) projections of the labeled weak view
     z_w: torch.Tensor | None             # (U, D) unlabeled weak view (None when --mu 0)
     z_s: list                            # projections of the strong views, (U, D) each
-    logits_lb: torch.Tensor | None       # (B, K) classifier logits (peers only)
+    logits_lb: torch.Tensor | None       # (B, K) classifier logits (peers only; semi: see heads)
     logits_w: torch.Tensor | None
     logits_s: list
     y_lb: torch.Tensor                   # (B,) labels

@@ -379,6 +379,27 @@ def heads(t: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return t[:, :k], t[:, k:2 * k], t[:, 2 * k:]
 
 
+@torch.no_grad()
+def semi_targets(l1_w: torch.Tensor, l2_w: torch.Tensor, f_s1: torch.Tensor, a, state: SemiState,
+                 epoch: int, on: bool) -> tuple[torch.Tensor, ...]:
+    """The targets of both heads from the weak view's logits (no gradient): head 1's pseudo-label,
+    confidence, mask and OHEML weight (teacher p, from the start epoch blended into p' with the
+    bank's semantic pseudo-labels of the first strong view's feature); head 2's pseudo-label and
+    mask from head 1's logit-adjusted weak logits."""
+    p_raw = torch.softmax(l1_w, dim=1)
+    p = p_raw
+    if on:
+        q_proto = losses.bank_class_probs(f_s1, state.centres(), a.semi_proto_temp)
+        ramp = min(epoch / a.semi_ramp_epochs, 1.0)
+        p = losses.semantic_blend(p_raw, q_proto, state.share, a.semi_alpha, ramp)
+    conf, pl = p.max(1)
+    mask = (conf >= a.threshold) | (p_raw.max(1).values >= a.threshold)
+    w = losses.oheml_weight(p, a.oheml_scale, validate=False) if on else torch.ones_like(conf)
+    conf_b, pl_b = torch.softmax(l1_w - state.adj_u, dim=1).max(1)
+    mask_b = (conf_b >= a.threshold) | (torch.softmax(l2_w, dim=1).max(1).values >= a.threshold)
+    return pl, conf, mask, w, pl_b, mask_b
+
+
 def semi_step(o: Out, model, a, step: int = 0, state: SemiState = None):
     """SeMi: L = Lx + Lu + Lx^b + Lu^b + lambda_cons L_cons (docs/long_tailed.md).
 
@@ -398,23 +419,10 @@ def semi_step(o: Out, model, a, step: int = 0, state: SemiState = None):
     on = epoch >= a.semi_start_epoch  # OHEML, semantic pseudo-labels and L_cons
     l1_w, l2_w, f_w = heads(o.logits_w, k)
     s1, s2 = heads(o.logits_s[0], k), heads(o.logits_s[1], k)
-    f_s = [s1[2], s2[2]]
-    if a.semi_feature == "projection":
-        f_w, f_s = o.z_w, o.z_s[:2]
-    with torch.no_grad():
-        p_raw = torch.softmax(l1_w.detach(), dim=1)
-        p = p_raw
-        if on:
-            q_proto = losses.bank_class_probs(f_s[0].detach(), state.centres(), a.semi_proto_temp)
-            ramp = min(epoch / a.semi_ramp_epochs, 1.0)
-            p = losses.semantic_blend(p_raw, q_proto, state.share, a.semi_alpha, ramp)
-        conf, pl = p.max(1)
-        mask = (conf >= a.threshold) | (p_raw.max(1).values >= a.threshold)
-        w = (losses.oheml_weight(p, a.oheml_scale, validate=False) if on
-             else torch.ones_like(conf))
-        conf_u, pl_b = torch.softmax(l1_w.detach() - state.adj_u, dim=1).max(1)
-        mask_b = (conf_u >= a.threshold) | (torch.softmax(l2_w.detach(), dim=1).max(1).values
-                                            >= a.threshold)
+    f_s = [s1[2], s2[2]] if a.semi_feature == "pooled" else o.z_s[:2]
+    f_w = f_w if a.semi_feature == "pooled" else o.z_w
+    pl, conf, mask, w, pl_b, mask_b = semi_targets(l1_w.detach(), l2_w.detach(), f_s[0].detach(),
+                                                   a, state, epoch, on)
     two = lambda t: torch.cat([t, t])  # noqa: E731 - the same target for both strong views
     l_u = losses.masked_cross_entropy(torch.cat([s1[0], s2[0]]), two(pl), two(mask * w))
     l_ub = losses.masked_cross_entropy(torch.cat([s1[1], s2[1]]), two(pl_b), two(mask_b.float()))

@@ -25,7 +25,9 @@ CONFIG_KEYS = ("dataset", "labels_per_class", "loss", "seed", "arch", "epochs", 
                "ccssl_temp", "lambda_in", "bank_momentum", "bank_temp", "smoothing_alpha",
                "da_len", "lt_labeled", "lt_unlabeled", "imb_ratio_l", "imb_ratio_u", "hard_weight",
                "labeled_idx_sha256", "logit_adjust", "flip", "val_per_class", "image_size",
-               "stl10_fold")
+               "stl10_fold", "oheml_scale", "lambda_cons", "cons_temp", "semi_bank_size",
+               "semi_decay", "semi_decay_step", "semi_proto_temp", "semi_alpha",
+               "semi_ramp_epochs", "semi_start_epoch", "la_tau_x", "la_tau_u", "semi_feature")
 # free to change on resume: where things are, how often to log / save / evaluate, speed-only
 # switches (--data-device gives the same results), and what the device / precision checks of
 # check_resumable already cover

@@ -78,9 +78,10 @@ def make_parser() -> argparse.ArgumentParser:
     # ---------------------------------------------------------------- method ([G], [N&O])
     a("--loss", choices=list(methods.STEPS), default="entropy",
       help="base = [G] Eqs. (5)-(7); entropy = [N&O] Eqs. (8)-(14); fixmatch, ccssl, simmatch = "
-           "the peer methods under the same protocol")
-    a("--threshold", type=float, default=0.95,
-      help="confidence threshold tau of Eq. (5) (the peers' mask threshold p_cutoff too)")
+           "the peer methods under the same protocol; semi = SeMi (long-tailed; docs/long_tailed.md)")
+    a("--threshold", type=float, default=None,
+      help="confidence threshold tau of Eq. (5) (the peers' mask threshold p_cutoff too); "
+           "default 0.95, for --loss semi 0.7 (SeMi's README; its code's default is 0.95)")
     a("--pl-temp", type=float, default=None,
       help="base/entropy: temperature T_pl of the pseudo-labels, Eq. (4) (default 0.08: [G]'s "
            "final configs use 0.04 on (cos + 1) / 2)")
@@ -118,6 +119,41 @@ def make_parser() -> argparse.ArgumentParser:
     a("--hard-weight", type=float, default=None,
       help="fixmatch/ccssl/simmatch: SeMi's entropy hard-example weight s: each unlabeled loss "
            "term times s H(p)/log K + 1 - s, from epoch 5 on (default 0: off)")
+    # SeMi in full (--loss semi, docs/long_tailed.md); --threshold defaults to 0.7 for it
+    a("--oheml-scale", type=float, default=None,
+      help="semi: OHEML hard-example weight s: each unlabeled term of head 1 times "
+           "s H(p')/log K + 1 - s (default 0.75)")
+    a("--lambda-cons", type=float, default=None,
+      help="semi: weight of the feature consistency on the samples the mask rejects (default 0.15)")
+    a("--cons-temp", type=float, default=None,
+      help="semi: student temperature tau_p of the feature consistency; the target's is tau_p/5 "
+           "(default 0.09)")
+    a("--semi-bank-size", type=int, default=None,
+      help="semi: memory-bank slots M per class (default 128)")
+    a("--semi-decay", type=float, default=None,
+      help="semi: confidence decay factor of the bank slots not refilled since the last decay "
+           "(default 0.99)")
+    a("--semi-decay-step", type=int, default=None,
+      help="semi: decay the bank every N steps (default 100; 200 for cifar100)")
+    a("--semi-proto-temp", type=float, default=None,
+      help="semi: temperature tau_tar of the semantic pseudo-labels softmax(-||f - mu_c|| / "
+           "tau_tar) (default 0.1)")
+    a("--semi-alpha", type=float, default=None,
+      help="semi: blend p' = (1 - a_c) p + a_c q_proto, a_c = alpha (epoch / E) pi_hat_c "
+           "(default 0.4)")
+    a("--semi-ramp-epochs", type=int, default=None,
+      help="semi: E of the blend's ramp epoch / E (capped at 1; default --epochs)")
+    a("--semi-start-epoch", type=int, default=None,
+      help="semi: first epoch (counting from 0) of OHEML, semantic pseudo-labels and the "
+           "feature consistency (default 6: SeMi's code starts when epoch > 5)")
+    a("--la-tau-x", type=float, default=None,
+      help="semi: logit adjustment tau of head 2's labeled CE, z_b + tau log pi (default 2)")
+    a("--la-tau-u", type=float, default=None,
+      help="semi: logit adjustment tau of head 2's unlabeled teacher softmax(z_w - tau log pi) "
+           "(default 2)")
+    a("--semi-feature", choices=["pooled", "projection"], default=None,
+      help="semi: the feature of the bank and the consistency: the pooled backbone feature "
+           "(default, SeMi's code) or the L2-normalised 128-d projection")
     # ---------------------------------------------------------------- long-tailed (docs/long_tailed.md)
     a("--lt-labeled", type=int, default=None, metavar="N1",
       help="long-tailed split: labeled images of the head class (with --lt-unlabeled, --imb-ratio-l)")
@@ -200,15 +236,19 @@ def finite(v) -> bool:
 COUNT_RULES = [
     (("epochs", "steps_per_epoch", "batch_size", "eval_every", "log_every", "eval_batch_size"),
      lambda v: v >= 1, ">= 1"),
-    (("mu", "save_every", "skip_nonfinite"), lambda v: v >= 0, ">= 0"),
+    (("mu", "save_every", "skip_nonfinite", "semi_start_epoch"), lambda v: v >= 0, ">= 0"),
+    (("semi_bank_size", "semi_decay_step", "semi_ramp_epochs"), lambda v: v >= 1, ">= 1"),
 ]
 VALUE_RULES = [
-    (("lr", "pl_temp", "temp", "ccssl_temp", "bank_temp"), lambda v: v > 0 and finite(v),
+    (("lr", "pl_temp", "temp", "ccssl_temp", "bank_temp", "cons_temp", "semi_proto_temp"),
+     lambda v: v > 0 and finite(v),
      "a positive number"),
-    (("lambda_u", "lambda_c", "lambda_in"), lambda v: v >= 0 and finite(v), "a finite number >= 0"),
+    (("lambda_u", "lambda_c", "lambda_in", "lambda_cons", "la_tau_x", "la_tau_u"),
+     lambda v: v >= 0 and finite(v), "a finite number >= 0"),
     (("labels_per_class",), lambda v: v == "all" or v >= 1, ">= 1 or all"),
     (("val_per_class",), lambda v: v >= 0, ">= 0"),
-    (("bank_momentum", "smoothing_alpha", "hard_weight"), lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (("bank_momentum", "smoothing_alpha", "hard_weight", "oheml_scale", "semi_decay", "semi_alpha"),
+     lambda v: 0 <= v <= 1, "in [0, 1]"),
     (("da_len",), lambda v: v >= 1, ">= 1"),
     (("threshold",), lambda v: 0 <= v <= 1, "in [0, 1]"),
     (("low_weight",), lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -291,6 +331,13 @@ def resolve_defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> No
         args.wd = PAPER_WD.get(args.dataset, 5e-4)
     if args.flip is None:  # a mirrored digit is another glyph (or none)
         args.flip = args.dataset not in data.DIGITS
+    if args.threshold is None:  # SeMi's README runs 0.7
+        args.threshold = 0.7 if args.loss == "semi" else 0.95
+    if args.loss == "semi":
+        if args.semi_decay_step is None:  # SeMi's README: 100 for CIFAR-10, 200 for CIFAR-100
+            args.semi_decay_step = 200 if args.dataset == "cifar100" else 100
+        if args.semi_ramp_epochs is None:
+            args.semi_ramp_epochs = args.epochs
     if args.loss == "entropy":
         if args.entropy_ratio is None:
             args.entropy_ratio = PAPER_BETA.get((args.dataset, args.labels_per_class))

@@ -99,6 +99,18 @@ def eval_metrics(scores: torch.Tensor, y: torch.Tensor, labeled_counts: list[int
     return out
 
 
+@torch.no_grad()
+def head1_metrics(model: torch.nn.Module, h: torch.Tensor, y: torch.Tensor,
+                  labeled_counts: list[int], tau: float = 1.0) -> dict:
+    """SeMi (a balanced-head model): the accuracy of head 1, the ordinary classifier, beside head
+    2's, which predicts; {} for every other model."""
+    if getattr(model, "classifier_b", None) is None:
+        return {}
+    m = eval_metrics(model.classifier(h.float()).float(), y, labeled_counts, tau)
+    return {f"{k}_head1": m[k] for k in ("test_acc", "head_acc", "medium_acc", "tail_acc",
+                                         "test_acc_adjusted", "tail_acc_adjusted")}
+
+
 def resolve_dataset(a: dict, state: dict, dataset: str | None, data_dir: str | None
                     ) -> tuple[str, str]:
     """The run's dataset and data dir, found from any working directory: a relative path that
@@ -128,7 +140,8 @@ def load_run_model(state: dict, num_classes: int, device: str):
     # runs from before --wrn-variant existed used the TensorFlow-original network
     model = Encoder(num_classes, a["arch"], classifier=classifier,
                     variant=a.get("wrn_variant", "tf"),
-                    in_channels=state["ema"]["backbone.stem.weight"].shape[1]).to(device)
+                    in_channels=state["ema"]["backbone.stem.weight"].shape[1],
+                    balanced=any(k.startswith("classifier_b.") for k in state["ema"])).to(device)
     model.load_state_dict(state["ema"])
     return model
 
@@ -152,14 +165,16 @@ def evaluate_checkpoint(path: str, per_class: bool = False, data_dir: str | None
                          f"{f} was trained on (labeled index {int(state['labeled_idx'].max())}); "
                          f"pass the run's dataset with --dataset / --data-dir")
     norm = data.Normalize(state["mean"], state["std"], device)
-    scores = scores_all(model, x, norm)
+    scores, _, h = outputs_all(model, x, norm)
     if not classifier_run(state):
         scores = scores / a.get("pl_temp", 0.1)  # cos / T_pl, Eq. (4)
     pred = scores.argmax(1)
     counts = np.bincount(ds["y_train"][state["labeled_idx"].numpy()], minlength=ds["num_classes"])
+    tau = a.get("logit_adjust", 1.0)
     out = {"checkpoint": f, "step": state["step"], "top1": (pred == y).float().mean().item(),
            "dataset": name, "n_test": len(y), "labeled_counts": counts.tolist(),
-           "metrics": eval_metrics(scores, y, counts.tolist(), a.get("logit_adjust", 1.0))}
+           "metrics": eval_metrics(scores, y, counts.tolist(), tau)
+           | head1_metrics(model, h, y, counts.tolist(), tau)}
     if per_class:
         k = ds["num_classes"]
         out["classes"] = list(ds["classes"])

@@ -27,9 +27,12 @@ def named(stats: torch.Tensor) -> dict:
 
 def public_args(args: argparse.Namespace) -> dict:
     """The arguments saved with a run; a flag added later is left out at the value that older
-    runs had (checkpoint.OLD_DEFAULTS: e.g. flip is written only when it is off)."""
+    runs had (checkpoint.OLD_DEFAULTS: e.g. flip is written only when it is off), and SeMi's
+    flags where they do not apply (None), so that every other configuration records exactly
+    what it did before they existed (a missing key reads as it in the resume check)."""
     return {k: v for k, v in vars(args).items() if k not in HIDDEN_ARGS
-            and not (k in checkpoint.OLD_DEFAULTS and v == checkpoint.OLD_DEFAULTS[k])}
+            and not (k in checkpoint.OLD_DEFAULTS and v == checkpoint.OLD_DEFAULTS[k])
+            and not (k in methods.SEMI_FLAGS and v is None)}
 
 
 # ---------------------------------------------------------------- metrics.jsonl
@@ -86,6 +89,8 @@ def epoch_metrics(run, test: dict, lr: float) -> dict:
             "pl_acc_p_hat": s["correct_p_hat"] / n_ulb if simmatch else None,
             "pl_acc_p_w": s["correct_p_w"] / n_ulb if simmatch else None,
             "elapsed_s": round(run.elapsed, 1), "pl_per_class": per_class_pl(run.pl_confusion),
+            # SeMi: OHEML weight histograms of the interval (its state resets them)
+            **(run.method_state.metrics() if hasattr(run.method_state, "metrics") else {}),
             **known_label_pl(run)}
 
 

@@ -450,3 +450,59 @@ def cluster_contrastive(z_lb: torch.Tensor, y_lb: torch.Tensor, mu: torch.Tensor
             den = torch.logaddexp(den, pos)
         term = torch.where(has_neg[y_lb], den - pos, torch.zeros_like(pos))
         return term.sum() / max(len(z_lb), 1)
+
+
+# ---------------------------------------------------------------- SeMi (docs/long_tailed.md)
+
+def logit_adjustment(prior: torch.Tensor, tau: float) -> torch.Tensor:
+    """log(pi_k^tau + 1e-12): the additive logit adjustment of SeMi's balanced head (ACR's logit
+    align; Menon et al. 2021). The 1e-12 keeps a class without labels finite. float32 (K,)."""
+    if prior.dim() != 1 or not prior.dtype.is_floating_point:
+        raise ValueError(f"prior must be a 1-D floating-point tensor (K,), got shape "
+                         f"{tuple(prior.shape)} and dtype {prior.dtype}")
+    return torch.log(_f32(prior) ** tau + 1e-12).float()
+
+
+def bank_class_probs(features: torch.Tensor, centres: torch.Tensor,
+                     temperature: float = 0.1) -> torch.Tensor:
+    """SeMi's semantic pseudo-label q^proto_bc = softmax_c(-||f_b - mu_c||_2 / tau_tar), mu_c the
+    mean of class c's memory-bank slots. Features are not normalised (as SeMi). float32 (U, K)."""
+    if features.dim() != 2 or centres.dim() != 2 or features.shape[1] != centres.shape[1]:
+        raise ValueError(f"features (U, D) and centres (K, D) must be 2-D with the same D, got "
+                         f"{tuple(features.shape)} and {tuple(centres.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    with _no_autocast(features):
+        d = torch.cdist(_f32(features), _f32(centres), compute_mode="donot_use_mm_for_euclid_dist")
+        return torch.softmax(-d / temperature, dim=1)
+
+
+def semantic_blend(probs: torch.Tensor, proto_probs: torch.Tensor,
+                   share: torch.Tensor, alpha: float, ramp: float) -> torch.Tensor:
+    """SeMi's pseudo-label with semantic pseudo-labels (PLCE): p'_bc = (1 - a_c) p_bc +
+    a_c q^proto_bc, a_c = alpha * ramp * share_c (share = pi_hat, the running class share of
+    the masked pseudo-labels). Not renormalised: SeMi's code takes max / argmax / entropy of p'
+    as it is (rows sum to 1 only when a_c is the same for every class). float32 (U, K)."""
+    _check_2d("probs", probs)
+    if proto_probs.shape != probs.shape or share.shape != probs.shape[1:]:
+        raise ValueError(f"proto_probs must have the shape of probs {tuple(probs.shape)} and share "
+                         f"({probs.shape[1]},), got {tuple(proto_probs.shape)} and {tuple(share.shape)}")
+    a = alpha * ramp * _f32(share)
+    return ((1 - a) * _f32(probs) + a * _f32(proto_probs)).float()
+
+
+def feature_consistency(f_w: torch.Tensor, f_s: torch.Tensor, center: torch.Tensor,
+                        temperature: float = 0.09, sharpen: float = 5.0
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SeMi's certainty enhancement on features (DINO-style): target q_b = softmax_d((f^w_b - c) /
+    (tau_p / sharpen)) over the feature dimensions, student log softmax_d(f^s_b / tau_p);
+    returns the per-sample soft cross-entropy -sum_d q_bd log softmax(f^s_b / tau_p)_d (float32
+    (U,), gradient into f_s only) and q (for the centre update)."""
+    if f_w.dim() != 2 or f_s.shape != f_w.shape or center.shape != f_w.shape[1:]:
+        raise ValueError(f"f_w and f_s must be (U, D) and center (D,), got {tuple(f_w.shape)}, "
+                         f"{tuple(f_s.shape)} and {tuple(center.shape)}")
+    if not temperature > 0 or not sharpen > 0:
+        raise ValueError(f"temperature and sharpen must be > 0, got {temperature} and {sharpen}")
+    with _no_autocast(f_w):
+        q = torch.softmax((_f32(f_w).detach() - _f32(center)) / (temperature / sharpen), dim=1)
+        return -(q * torch.log_softmax(_f32(f_s) / temperature, dim=1)).sum(1), q

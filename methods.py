@@ -4,6 +4,7 @@
     fixmatch_step      --loss fixmatch         Sohn et al. 2020                          (docs/peers.md)
     ccssl_step         --loss ccssl            Yang et al. 2022: FixMatch + class-aware contrast
     simmatch_step      --loss simmatch         Zheng et al. 2022, as USB runs it on CIFAR
+    semi_step          --loss semi             Wang et al. 2025 (SeMi), long-tailed     (docs/long_tailed.md)
 
 The batch is one forward pass over [x weak; u weak; u strong 1 (; u strong 2)] (BN statistics over
 the concatenation); `Out` holds its projections z (L2-normalised) and classifier logits. All the
@@ -17,6 +18,7 @@ groups had the right pseudo-label, the summed unlabeled weight, (SimMatch) how m
 p_hat / p_w were right; and, per group (confident, entropy-selected, unconfident), the counts of
 (true class, argmax class) pairs, from which the per-class statistics follow.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,11 +26,13 @@ import torch.nn.functional as F
 
 import losses
 
-STRONG_VIEWS = {"base": 2, "entropy": 2, "fixmatch": 1, "ccssl": 2, "simmatch": 1}
-CLASSIFIER = ("fixmatch", "ccssl", "simmatch")  # methods that predict with a linear classifier
+STRONG_VIEWS = {"base": 2, "entropy": 2, "fixmatch": 1, "ccssl": 2, "simmatch": 1, "semi": 2}
+PEERS = ("fixmatch", "ccssl", "simmatch")
+CLASSIFIER = PEERS + ("semi",)  # methods that predict with a linear classifier
+BALANCED_HEAD = ("semi",)  # a second, logit-adjusted classifier that predicts (model.Encoder)
 # train.py's method-specific flags: (default, the methods they apply to). Given for another
 # method, a flag is an error; not given, it takes the default for its methods and None elsewhere.
-CONTRASTIVE, PEERS = ("base", "entropy"), CLASSIFIER
+CONTRASTIVE = ("base", "entropy")
 FLAGS = {
     "pl_temp": (0.08, CONTRASTIVE), "temp": (0.1, CONTRASTIVE), "low_weight": (0.2, CONTRASTIVE),
     "pair_weight": ("geometric", ("entropy",)),
@@ -37,7 +41,16 @@ FLAGS = {
     "bank_temp": (0.1, ("simmatch",)), "smoothing_alpha": (0.9, ("simmatch",)),
     "da_len": (32, ("simmatch",)),
     "hard_weight": (0.0, PEERS),
+    # SeMi (docs/long_tailed.md): values of the authors' README where it gives them, else their code's
+    "oheml_scale": (0.75, ("semi",)), "lambda_cons": (0.15, ("semi",)),
+    "cons_temp": (0.09, ("semi",)), "semi_bank_size": (128, ("semi",)),
+    "semi_decay": (0.99, ("semi",)), "semi_decay_step": (None, ("semi",)),  # 100; 200 for cifar100
+    "semi_proto_temp": (0.1, ("semi",)), "semi_alpha": (0.4, ("semi",)),
+    "semi_ramp_epochs": (None, ("semi",)),  # --epochs
+    "semi_start_epoch": (6, ("semi",)), "la_tau_x": (2.0, ("semi",)), "la_tau_u": (2.0, ("semi",)),
+    "semi_feature": ("pooled", ("semi",)),
 }
+SEMI_FLAGS = tuple(k for k, (_, owners) in FLAGS.items() if owners == ("semi",))
 DIAG = ("n_ulb", "confident", "entropy_selected", "unconfident", "correct_confident",
         "correct_selected", "weight_sum", "correct_p_hat", "correct_p_w")
 
@@ -48,7 +61,7 @@ class Out:
     z_lb: torch.Tensor                   # (B, D) projections of the labeled weak view
     z_w: torch.Tensor | None             # (U, D) unlabeled weak view (None when --mu 0)
     z_s: list                            # projections of the strong views, (U, D) each
-    logits_lb: torch.Tensor | None       # (B, K) classifier logits (peers only)
+    logits_lb: torch.Tensor | None       # (B, K) classifier logits (peers only; semi: see heads)
     logits_w: torch.Tensor | None
     logits_s: list
     y_lb: torch.Tensor                   # (B,) labels
@@ -262,14 +275,185 @@ def simmatch_step(o: Out, model, a, step: int = 0, state: SimMatchState = None):
     return loss, *diagnostics(o, p_hat.shape[1], pl, mask > 0, weight=w, p_hat=p_hat, p_w=p_w)
 
 
+# ---------------------------------------------------------------- SeMi (docs/long_tailed.md)
+
+HIST_BINS = 20  # OHEML weight histogram over [0, 1] (metrics.jsonl: oheml_hist_*)
+CENTER_MOMENTUM = 0.9  # the feature-consistency centre c <- 0.9 c + 0.1 mean(q), SeMi's constant
+
+
+class SemiState:
+    """SeMi's state that outlives a step, saved in the checkpoint:
+
+    - the balanced memory bank: K x M feature slots with a K x M confidence table, each class row
+      sorted by confidence (highest first), starting at zero features and confidence 0, and
+      which slots were filled since the last decay (`fresh`);
+    - the running counts of masked pseudo-labels per class and their share pi_hat, refreshed at
+      the end of every epoch (1 for every class until the first refresh, as in SeMi's code);
+    - the centre of the feature-consistency target;
+    - the OHEML weight histograms since the last evaluation (diagnostics only).
+    The labeled prior and its logit adjustments are derived from the split, not saved."""
+
+    KEYS = ("bank", "conf", "fresh", "counts", "share", "center", "hist")
+
+    def __init__(self, y_labeled: torch.Tensor, num_classes: int, dim: int, slots: int,
+                 tau_x: float, tau_u: float):
+        dev = y_labeled.device
+        k = num_classes
+        self.bank = torch.zeros(k, slots, dim, device=dev)
+        self.conf = torch.zeros(k, slots, device=dev)
+        self.fresh = torch.zeros(k, slots, dtype=torch.bool, device=dev)
+        self.counts = torch.zeros(k, dtype=torch.float64, device=dev)
+        self.share = torch.ones(k, device=dev)
+        self.center = torch.zeros(dim, device=dev)
+        self.hist = torch.zeros(2, HIST_BINS, dtype=torch.float64, device=dev)  # masked, all
+        n = torch.zeros(k, dtype=torch.float64, device=dev).index_add_(
+            0, y_labeled.long(), torch.ones(len(y_labeled), dtype=torch.float64, device=dev))
+        self.prior = (n / n.sum().clamp(min=1)).float()  # pi_l, the labeled class prior
+        self.adj_x = losses.logit_adjustment(self.prior, tau_x)  # head 2's labeled CE
+        self.adj_u = losses.logit_adjustment(self.prior, tau_u)  # head 2's unlabeled teacher
+
+    def centres(self) -> torch.Tensor:
+        """mu_c: the mean of class c's M slots (empty slots count as zero vectors, as in SeMi)."""
+        return self.bank.mean(1)
+
+    @torch.no_grad()
+    def push(self, feats: torch.Tensor, labels: torch.Tensor, conf: torch.Tensor,
+             mask: torch.Tensor) -> None:
+        """Insert the masked candidates into their pseudo-label's row. Sequentially (SeMi's loop),
+        a candidate replaces the row's lowest-confidence slot if its confidence is strictly
+        higher, and the row is re-sorted; that is, each row keeps the M best of [its slots;
+        the candidates in batch order] by confidence, ties going to the earlier entry. Here in
+        one stable sort per row."""
+        k, m, d = self.bank.shape
+        mine = mask[None, :] & (labels[None, :] == torch.arange(k, device=labels.device)[:, None])
+        cand = torch.where(mine, conf.float()[None, :], torch.full_like(mine, -math.inf, dtype=torch.float32))
+        val, idx = torch.cat([self.conf, cand], 1).sort(dim=1, descending=True, stable=True)
+        val, idx = val[:, :m], idx[:, :m]
+        old = idx < m
+        slot = idx.clamp(max=m - 1)
+        kept = self.bank.gather(1, slot[..., None].expand(-1, -1, d))
+        self.bank = torch.where(old[..., None], kept, feats.float()[(idx - m).clamp(min=0)])
+        self.fresh = torch.where(old, self.fresh.gather(1, slot), True)
+        self.conf = val
+
+    @torch.no_grad()
+    def decay(self, factor: float) -> None:
+        """Every confidence not inserted since the last decay times `factor`; rows re-sorted."""
+        self.conf = torch.where(self.fresh, self.conf, self.conf * factor)
+        self.fresh = torch.zeros_like(self.fresh)
+        self.conf, idx = self.conf.sort(dim=1, descending=True, stable=True)
+        self.bank = self.bank.gather(1, idx[..., None].expand(-1, -1, self.bank.shape[2]))
+
+    @torch.no_grad()
+    def count(self, labels: torch.Tensor, mask: torch.Tensor, refresh: bool) -> None:
+        """Add the masked pseudo-labels to the per-class counts; at the end of an epoch, pi_hat =
+        counts / total (kept as it was while nothing has been masked: SeMi's code would divide
+        0 by 0)."""
+        self.counts.index_add_(0, labels, mask.double())
+        if refresh:
+            total = self.counts.sum()
+            self.share = torch.where(total > 0, self.counts / total.clamp(min=1), self.share).float()
+
+    @torch.no_grad()
+    def record(self, w: torch.Tensor, mask: torch.Tensor) -> None:
+        """OHEML weights into HIST_BINS bins over [0, 1]: of the masked samples, and of all."""
+        b = (w.float() * HIST_BINS).long().clamp(0, HIST_BINS - 1)
+        self.hist[0].index_add_(0, b, mask.double())
+        self.hist[1].index_add_(0, b, torch.ones_like(w, dtype=torch.float64))
+
+    def metrics(self) -> dict:
+        """The histograms since the last call (metrics.jsonl), then reset (host sync: eval time)."""
+        masked, every = self.hist.round().long().tolist()
+        self.hist = torch.zeros_like(self.hist)
+        return {"oheml_hist_masked": masked, "oheml_hist_all": every}
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k).detach().cpu().clone() for k in self.KEYS}
+
+    def load_state_dict(self, s: dict) -> None:
+        dev = self.bank.device
+        for k in self.KEYS:
+            setattr(self, k, s[k].to(dev))
+
+
+def heads(t: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The balanced-head model's outputs [head 1 logits | head 2 logits | pooled feature]."""
+    return t[:, :k], t[:, k:2 * k], t[:, 2 * k:]
+
+
+@torch.no_grad()
+def semi_targets(l1_w: torch.Tensor, l2_w: torch.Tensor, f_s1: torch.Tensor, a, state: SemiState,
+                 epoch: int, on: bool) -> tuple[torch.Tensor, ...]:
+    """The targets of both heads from the weak view's logits (no gradient): head 1's pseudo-label,
+    confidence, mask and OHEML weight (teacher p, from the start epoch blended into p' with the
+    bank's semantic pseudo-labels of the first strong view's feature); head 2's pseudo-label and
+    mask from head 1's logit-adjusted weak logits."""
+    p_raw = torch.softmax(l1_w, dim=1)
+    p = p_raw
+    if on:
+        q_proto = losses.bank_class_probs(f_s1, state.centres(), a.semi_proto_temp)
+        ramp = min(epoch / a.semi_ramp_epochs, 1.0)
+        p = losses.semantic_blend(p_raw, q_proto, state.share, a.semi_alpha, ramp)
+    conf, pl = p.max(1)
+    mask = (conf >= a.threshold) | (p_raw.max(1).values >= a.threshold)
+    w = losses.oheml_weight(p, a.oheml_scale, validate=False) if on else torch.ones_like(conf)
+    conf_b, pl_b = torch.softmax(l1_w - state.adj_u, dim=1).max(1)
+    mask_b = (conf_b >= a.threshold) | (torch.softmax(l2_w, dim=1).max(1).values >= a.threshold)
+    return pl, conf, mask, w, pl_b, mask_b
+
+
+def semi_step(o: Out, model, a, step: int = 0, state: SemiState = None):
+    """SeMi: L = Lx + Lu + Lx^b + Lu^b + lambda_cons L_cons (docs/long_tailed.md).
+
+    Head 1 (FixMatch on both strong views): teacher p = softmax(z_w), from epoch
+    --semi-start-epoch on blended with the bank's semantic pseudo-labels (p') and its terms
+    weighted by OHEML; mask [max p' >= t] or [max p >= t]. Head 2 (balanced): Lx^b =
+    CE(z^b_x + log pi^tau_x, y), Lu^b = CE(z^b_s, argmax softmax(z_w - log pi^tau_u)) on the
+    mask [max softmax(z_w - log pi^tau_u) >= t] or [max softmax(z^b_w) >= t]. L_cons: the
+    sharpened, centred feature target of the weak view for the strong views of the samples the
+    mask rejects. The bank is read (class centres) before this step's push."""
+    k = model.classifier.out_features
+    l1_lb, l2_lb, _ = heads(o.logits_lb, k)
+    loss_x = F.cross_entropy(l1_lb, o.y_lb) + F.cross_entropy(l2_lb + state.adj_x, o.y_lb)
+    if o.z_w is None:
+        return loss_x, *no_unlabeled(o.y_lb.device, k)
+    epoch = step // a.steps_per_epoch
+    on = epoch >= a.semi_start_epoch  # OHEML, semantic pseudo-labels and L_cons
+    l1_w, l2_w, f_w = heads(o.logits_w, k)
+    s1, s2 = heads(o.logits_s[0], k), heads(o.logits_s[1], k)
+    f_s = [s1[2], s2[2]] if a.semi_feature == "pooled" else o.z_s[:2]
+    f_w = f_w if a.semi_feature == "pooled" else o.z_w
+    pl, conf, mask, w, pl_b, mask_b = semi_targets(l1_w.detach(), l2_w.detach(), f_s[0].detach(),
+                                                   a, state, epoch, on)
+    two = lambda t: torch.cat([t, t])  # noqa: E731 - the same target for both strong views
+    l_u = losses.masked_cross_entropy(torch.cat([s1[0], s2[0]]), two(pl), two(mask * w))
+    l_ub = losses.masked_cross_entropy(torch.cat([s1[1], s2[1]]), two(pl_b), two(mask_b.float()))
+    loss = loss_x + l_u + l_ub
+    if on:
+        cons, q = losses.feature_consistency(two(f_w), torch.cat(f_s), state.center, a.cons_temp)
+        loss = loss + a.lambda_cons * (cons * two((~mask).float())).mean()
+        state.center = CENTER_MOMENTUM * state.center + (1 - CENTER_MOMENTUM) * q.mean(0)
+        state.record(w, mask)
+    # the state after the loss has read it: pi_hat counts, bank push, decay
+    state.count(pl, mask, refresh=(step + 1) % a.steps_per_epoch == 0)
+    state.push(torch.cat(f_s).detach(), two(pl), two(conf), two(mask))
+    if (step + 1) % a.semi_decay_step == 0:
+        state.decay(a.semi_decay)
+    return loss, *diagnostics(o, k, pl, mask, weight=mask * w)
+
+
 STEPS = {"base": contrastive_step, "entropy": contrastive_step, "fixmatch": fixmatch_step,
-         "ccssl": ccssl_step, "simmatch": simmatch_step}
+         "ccssl": ccssl_step, "simmatch": simmatch_step, "semi": semi_step}
 
 
 def make_state(loss: str, y_lb: torch.Tensor, num_classes: int, da_len: int | None,
-               generator: torch.Generator) -> SimMatchState | None:
+               generator: torch.Generator, a=None, feat_dim: int = 128):
     """The state a method keeps between steps (saved in the checkpoint): SimMatch's bank and
-    queue; None for the other methods."""
+    queue, SeMi's memory bank and statistics (`feat_dim`: the pooled backbone feature's size);
+    None for the other methods."""
+    if loss == "semi":
+        dim = 128 if a.semi_feature == "projection" else feat_dim
+        return SemiState(y_lb, num_classes, dim, a.semi_bank_size, a.la_tau_x, a.la_tau_u)
     if loss != "simmatch":
         return None
     return SimMatchState(y_lb, num_classes, 128, da_len, generator)

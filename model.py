@@ -88,7 +88,7 @@ class Encoder(nn.Module):
 
     def __init__(self, num_classes: int, arch: str = "wrn-28-2", dim: int = 128,
                  bn_momentum: float = BN_MOMENTUM, classifier: bool = False, variant: str = "usb",
-                 in_channels: int = 3):
+                 in_channels: int = 3, balanced: bool = False):
         super().__init__()
         depth, width = parse_arch(arch)
         self.backbone = WideResNet(depth, width, bn_momentum, variant, in_channels)
@@ -96,6 +96,7 @@ class Encoder(nn.Module):
                                   nn.Linear(dim, dim))
         self.prototypes = None if classifier else nn.Parameter(torch.randn(num_classes, dim))
         self.classifier = nn.Linear(self.backbone.out_dim, num_classes) if classifier else None
+        self.classifier_b = None
         for m in self.modules():
             if isinstance(m, nn.Conv2d):  # the stem's bias (usb) keeps PyTorch's default init
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
@@ -105,17 +106,27 @@ class Encoder(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.xavier_normal_(m.weight)
                 nn.init.zeros_(m.bias)
+        if balanced:  # SeMi's second, balanced head (docs/long_tailed.md), drawn after the rest:
+            # the other parameters are initialised exactly as in a one-head model of the same seed
+            self.classifier_b = nn.Linear(self.backbone.out_dim, num_classes)
+            nn.init.xavier_normal_(self.classifier_b.weight)
+            nn.init.zeros_(self.classifier_b.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(z, logits): the L2-normalised projection, and the classifier logits (None without
-        a classifier). One pass over the backbone serves both."""
+        a classifier). One pass over the backbone serves both. With the balanced head (SeMi),
+        logits is [head 1 | head 2 | pooled feature h] (N, 2K + C), which the training step
+        splits (methods.heads): the one forward pass and view split serve it unchanged."""
         h = self.backbone(x)
         z = F.normalize(self.head(h), dim=1)
+        if self.classifier_b is not None:
+            return z, torch.cat([self.classifier(h), self.classifier_b(h), h], dim=1)
         return z, (self.classifier(h) if self.classifier is not None else None)
 
     @torch.no_grad()
     def class_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, K) float32: cos(z, c_k) to each prototype, or the classifier logits (peers)."""
+        """(N, K) float32: cos(z, c_k) to each prototype, or the classifier logits (peers; SeMi:
+        the balanced head 2, which predicts)."""
         return self.scores_and_features(x)[0]
 
     @torch.no_grad()
@@ -125,6 +136,8 @@ class Encoder(nn.Module):
         L2-normalised projection, h the backbone feature (query.py's embeddings)."""
         h = self.backbone(x)
         z = F.normalize(self.head(h), dim=1).float()
+        if self.classifier_b is not None:
+            return self.classifier_b(h).float(), z, h.float()
         if self.classifier is not None:
             return self.classifier(h).float(), z, h.float()
         return z @ F.normalize(self.prototypes.float(), dim=1).T, z, h.float()

@@ -23,8 +23,9 @@ Strategies (ties go to the smaller index):
                     image (1 / mean distance to its 20 nearest neighbours in the cluster)
 
 p is softmax(cos(z, c_k) / T_pl) for base/entropy (Eq. 4) and softmax of the classifier logits
-for fixmatch/ccssl/simmatch. The embedding is z, the L2-normalised projection, except for
-FixMatch, which trains no projection: there, the L2-normalised backbone feature.
+for fixmatch/ccssl/simmatch (for semi: of its balanced head 2, which predicts). The embedding is
+z, the L2-normalised projection, except for FixMatch and SeMi, which train no projection (SeMi
+unless --semi-feature projection): there, the L2-normalised backbone feature.
 """
 import argparse
 import csv
@@ -207,8 +208,11 @@ def probabilities(state: dict, scores: torch.Tensor) -> torch.Tensor:
 
 
 def embeddings(state: dict, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """z, the contrastive projection; FixMatch trains none, so its normalised backbone feature."""
-    return F.normalize(h, dim=1) if state["args"]["loss"] == "fixmatch" else z
+    """z, the contrastive projection; FixMatch trains none, and SeMi none unless --semi-feature
+    projection, so their normalised backbone feature."""
+    a = state["args"]
+    pooled = a["loss"] == "fixmatch" or (a["loss"] == "semi" and a.get("semi_feature") != "projection")
+    return F.normalize(h, dim=1) if pooled else z
 
 
 def choose(strategy: str, n: int, pool: np.ndarray, p: torch.Tensor, emb: torch.Tensor | None,

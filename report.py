@@ -217,6 +217,9 @@ def lt_table(results_dir: str) -> str:
     head = " | ".join(cols)
     lines = [f"| dataset | N1 / M1 / gamma_l / gamma_u | method | {head} |",
              "|---|---|---|" + "---|" * len(cols)]
+    # SeMi: head 2 (balanced) predicts; its head 1 gets a row of its own beside it
+    head1 = {name: collect_results(results_dir, lambda r, k=key: r.get("final", {}).get(k + "_head1"))
+             for name, key in LT_COLUMNS}
     for key in keys:
         a = cols["overall"][key][0]
         method = a["loss"] + (f" --hard-weight {a['hard_weight']}" if a.get("hard_weight") else "")
@@ -228,9 +231,16 @@ def lt_table(results_dir: str) -> str:
         method += f" {diff}" if same and diff != "-" else ""
         lines.append(f"| {a['dataset']} | {lt_setting(a)} | {method} | "
                      + " | ".join(format_cell(cols[c][key][1]) for c in cols) + " |")
+        if a["loss"] == "semi":
+            lines.append(f"| {a['dataset']} | {lt_setting(a)} | semi, head 1 | "
+                         + " | ".join(format_cell(head1[c][key][1]) if c in head1 else "-"
+                                      for c in cols) + " |")
+    semi = any(cols["overall"][k][0]["loss"] == "semi" for k in keys)
     return "\n".join(lines) + ("\n\nTop-1 test accuracy (%), balanced test set; head / medium / "
                                "tail = classes by labeled count; mean ± std over seeds; "
-                               "logit-adjusted: undefined where a class has no labeled image.\n")
+                               "logit-adjusted: undefined where a class has no labeled image.\n"
+                               + ("semi predicts with its balanced head 2; 'semi, head 1' is its "
+                                  "ordinary classifier, for comparison.\n" if semi else ""))
 
 
 def lt_setting(a: dict) -> str:

@@ -16,7 +16,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)  # the scripts; relative paths stay relative
 DRIVER=run_all.sh
 
 SEEDS=${SEEDS:-0}                 # seeds to run
-METHODS=${METHODS:-base entropy}  # --loss values: base entropy fixmatch ccssl simmatch
+METHODS=${METHODS:-base entropy}  # --loss values: base entropy fixmatch ccssl simmatch semi
 EPOCHS=${EPOCHS:-256}             # epochs of 1024 steps (the paper: 256)
 DATA_DIR=${DATA_DIR:-data}        # CIFAR is downloaded here on first use
 OUT_DIR=${OUT_DIR:-results}       # one sub-directory per run, plus table1.md

@@ -7,6 +7,7 @@
 #
 #   bash run_lt.sh                                   # base entropy fixmatch, seed 0
 #   METHODS="fixmatch" HARD_WEIGHT=0.75 bash run_lt.sh   # SeMi's entropy hard-example weighting
+#   METHODS="base entropy fixmatch semi" bash run_lt.sh  # SeMi in full beside them
 #   DRY_RUN=1 SEEDS="0 1 2" bash run_lt.sh
 #   GPUS="0 1" bash run_lt.sh                        # one run per GPU in parallel (gpu_jobs.sh)
 # Relative paths (OUT_DIR, DATA_DIR, paths in EXTRA_ARGS) are taken from the current directory,
@@ -20,7 +21,7 @@ METHODS=${METHODS:-base entropy fixmatch}
 EPOCHS=${EPOCHS:-256}
 MU=${MU:-2}
 ENTROPY_RATIO=${ENTROPY_RATIO:-0.2}   # beta for --loss entropy (the paper gives none for LT)
-HARD_WEIGHT=${HARD_WEIGHT:-}          # --hard-weight S for fixmatch / ccssl / simmatch
+HARD_WEIGHT=${HARD_WEIGHT:-}          # --hard-weight S for fixmatch / ccssl / simmatch (semi has its own)
 DATA_DIR=${DATA_DIR:-data}
 OUT_DIR=${OUT_DIR:-results_lt}
 EXTRA_ARGS=${EXTRA_ARGS:-}
@@ -62,7 +63,7 @@ for seed in $SEEDS; do
       flags=()
       [ "$loss" = entropy ] && flags+=(--entropy-ratio "$ENTROPY_RATIO")
       tag=$loss
-      if [ -n "$HARD_WEIGHT" ] && [ "$loss" != base ] && [ "$loss" != entropy ]; then
+      if [ -n "$HARD_WEIGHT" ] && [ "$loss" != base ] && [ "$loss" != entropy ] && [ "$loss" != semi ]; then
         flags+=(--hard-weight "$HARD_WEIGHT")
         tag="${loss}_hw$HARD_WEIGHT"
       fi

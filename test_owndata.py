@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-import checkpoint
 import config
 import data
 import evaluate

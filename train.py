@@ -24,7 +24,7 @@ import ddp
 import logs
 import methods
 from checkpoint import fail
-from evaluate import eval_metrics, scores_all, val_metrics
+from evaluate import eval_metrics, head1_metrics, outputs_all, val_metrics
 from model import Encoder
 
 
@@ -102,7 +102,8 @@ class Run:
         torch.manual_seed(args.seed)
         self.model = Encoder(self.k, args.arch, bn_momentum=args.bn_momentum,
                              classifier=args.loss in methods.CLASSIFIER, variant=args.wrn_variant,
-                             in_channels=self.x_train.shape[1]).to(dev)
+                             in_channels=self.x_train.shape[1],
+                             balanced=args.loss in methods.BALANCED_HEAD).to(dev)
         if args.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.world > 1 and dev.type == "cuda":  # BN over the global batch, as [G] ran it
@@ -112,7 +113,7 @@ class Run:
         if self.world > 1:  # FixMatch does not use the projection head: DDP must allow that
             self.forward = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[dev.index] if dev.type == "cuda" else None,
-                find_unused_parameters=args.loss == "fixmatch")
+                find_unused_parameters=args.loss in ("fixmatch", "semi"))
         if args.compile:
             self.forward = torch.compile(self.forward)
         self.opt = make_optimizer(self.model, args)
@@ -128,7 +129,8 @@ class Run:
         self.step_fn = methods.STEPS[args.loss]
         self.n_strong = methods.STRONG_VIEWS[args.loss]
         self.method_state = methods.make_state(args.loss, self.y_train[self.lb], self.k, args.da_len,
-                                               torch.Generator(dev).manual_seed(args.seed + 4))
+                                               torch.Generator(dev).manual_seed(args.seed + 4),
+                                               args, self.model.backbone.out_dim)
         # progress and what is logged
         self.total = args.epochs * args.steps_per_epoch
         self.step = 0
@@ -202,10 +204,11 @@ class Run:
     def evaluate(self) -> dict:
         """Test metrics of the EMA model (float32, eval mode): overall, per-class, head / medium /
         tail, raw and logit-adjusted. Prototype scores are cos / T_pl, as in Eq. (4)."""
-        scores = scores_all(self.ema, self.x_test, self.norm, self.args.eval_batch_size)
+        scores, _, h = outputs_all(self.ema, self.x_test, self.norm, self.args.eval_batch_size)
         if self.args.loss not in methods.CLASSIFIER:
             scores = scores / self.args.pl_temp
         m = eval_metrics(scores, self.y_test, self.labeled_counts, self.args.logit_adjust)
+        m |= head1_metrics(self.ema, h, self.y_test, self.labeled_counts, self.args.logit_adjust)
         val = val_metrics(self.ema, self.x_val, self.y_val, self.norm, self.args.eval_batch_size)
         return {**m, **val}  # val_acc with --val-per-class
 

@@ -218,8 +218,8 @@ def lt_table(results_dir: str) -> str:
     lines = [f"| dataset | N1 / M1 / gamma_l / gamma_u | method | {head} |",
              "|---|---|---|" + "---|" * len(cols)]
     # SeMi: head 2 (balanced) predicts; its head 1 gets a row of its own beside it
-    head1 = {name: collect_results(results_dir, lambda r, k=key: r.get("final", {}).get(k + "_head1"))
-             for name, key in LT_COLUMNS}
+    head1 = {name: collect_results(results_dir, lambda r, k=key: r.get("final", {}).get(k + "_head1"),
+                                   records) for name, key in LT_COLUMNS}
     for key in keys:
         a = cols["overall"][key][0]
         method = a["loss"] + (f" --hard-weight {a['hard_weight']}" if a.get("hard_weight") else "")

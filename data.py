@@ -20,7 +20,8 @@ Images stay uint8 between ops, so every op quantises like PIL's and moves a quar
 bytes a float pipeline would; only the enhance ops compute in float32.
 On CUDA each family runs over the whole batch (images with another op get the identity
 parameters), so there is no host synchronisation; on CPU the images are sorted by op once per
-slot and each op runs on its own contiguous slice, since the sort's one sync costs nothing there.
+slot and each op runs on its own contiguous slice (the five affine ops on one), since the sort's
+one sync costs nothing there.
 """
 import functools
 import hashlib

@@ -8,23 +8,27 @@ refuse() {  # refuse MESSAGE...: one line on stderr, exit 2
 }
 
 check_words() {  # check_words NAME "VALUE" "VALID WORDS": every word of VALUE is a valid one
-  local name=$1 value=$2 valid=$3 w
+  local name=$1 value=$2 valid=$3 w seen=" "
   [ -n "${value//[[:space:]]/}" ] || refuse "$name is empty; one or more of: $valid"
   for w in $value; do
     case " $valid " in
       *" $w "*) ;;
       *) refuse "unknown entry '$w' in $name; use one or more of: $valid" ;;
     esac
+    case $seen in *" $w "*) refuse "'$w' appears twice in $name" ;; esac
+    seen+="$w "
   done
 }
 
 check_counts() {  # check_counts NAME "VALUE" MIN: VALUE is one or more whole numbers >= MIN
-  local name=$1 value=$2 min=$3 w
+  local name=$1 value=$2 min=$3 w seen=" "
   [ -n "${value//[[:space:]]/}" ] || refuse "$name is empty; give whole numbers >= $min"
   for w in $value; do
     if ! [[ $w =~ ^[0-9]+$ ]] || [ "${#w}" -gt 9 ] || [ "$w" -lt "$min" ]; then
       refuse "$name must be whole numbers >= $min, got '$w'"
     fi
+    case $seen in *" $((10#$w)) "*) refuse "$w appears twice in $name (the same runs twice)" ;; esac
+    seen+="$((10#$w)) "
   done
 }
 

@@ -522,7 +522,8 @@ def trained(tmp_path):
 def test_a_typo_in_a_driver_setting_fails_before_anything_trains(tmp_path, script):
     bad = [{"METHODS": "base entopy"}, {"SEEDS": "0 x"}, {"EPOCHS": "1e3"}, {"DRY_RUN": "yes"},
            {"EXTRA_ARGS": "--epochs 5"}, {"EXTRA_ARGS": "--data-d x"}, {"EXTRA_ARGS": "--out=x"},
-           {"GPUS": " "}, {"GPUS": "0;1"}, {"METHODS": " "}]
+           {"GPUS": " "}, {"GPUS": "0;1"}, {"METHODS": " "}, {"SEEDS": "0 1 00"},
+           {"METHODS": "base base"}]
     if script == "run_lt.sh":
         bad += [{"HARD_WEIGHT": "0.7.5"}, {"ENTROPY_RATIO": "0"}, {"MU": "-1"},
                 {"HARD_WEIGHT": "0.75", "EPOCHS": "5"}]

@@ -340,7 +340,8 @@ def remove_if_empty(out: str, top: str | None) -> None:
     """A run that failed before its first step leaves no empty --out behind, nor the empty
     parent folders (e.g. runs/) that creating it made (top: the outermost one it created)."""
     path = os.path.abspath(out)
-    if top and path.startswith(top) and os.path.isdir(path) and os.listdir(path) == [LOCK_NAME]:  # our own lock file, nothing else written
+    ours = top and path.startswith(top) and os.path.isdir(path)
+    if ours and os.listdir(path) == [LOCK_NAME]:  # only the lock file: nothing else was written
         os.remove(os.path.join(path, LOCK_NAME))
     while top and path.startswith(top):
         try:

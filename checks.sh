@@ -50,15 +50,16 @@ check_dry_run() {
 
 # the --loss values train.py accepts: the keys of methods.STEPS, read from methods.py's source
 # when STEPS is a literal dict (no torch import: a second), else by importing methods
-METHODS_PY='import ast, sys
-tree = ast.parse(open(sys.argv[1] + "/methods.py").read())
-for node in tree.body:
+METHODS_PY='import ast, re, sys
+src = open(sys.argv[1] + "/methods.py").read()
+changed = re.search(r"STEPS\s*\[.*\]\s*=|STEPS\s*[|+]=|STEPS\.(update|setdefault|pop)", src)
+for node in ast.parse(src).body if not changed else []:
     if (isinstance(node, ast.Assign) and [getattr(t, "id", "") for t in node.targets] == ["STEPS"]
             and isinstance(node.value, ast.Dict)
             and all(isinstance(k, ast.Constant) for k in node.value.keys)):
         print(*[k.value for k in node.value.keys])
         break
-else:
+else:  # STEPS is built or changed by code: ask the module itself
     sys.path.insert(0, sys.argv[1])
     import methods
     print(*methods.STEPS)'

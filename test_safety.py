@@ -578,3 +578,11 @@ def test_al_sh_normalises_extra_args_and_refuses_its_own_flags(tmp_path):
         p = driver(tmp_path, "al.sh", EXTRA_ARGS=extra, QUERY_ARGS=qargs, **env)
         assert p.returncode == 2 and "al.sh sets it itself" in p.stderr, (extra, qargs, p.stderr)
     assert driver(tmp_path, "al.sh", LOSS="entopy", **env).returncode == 2
+
+
+def test_the_drivers_read_the_method_names_from_methods_py():
+    import methods
+    p = subprocess.run(["bash", "-c", f'DRIVER=t HERE={shlex.quote(HERE)} PYTHON={sys.executable} '
+                        f'&& . {shlex.quote(os.path.join(HERE, "checks.sh"))} && methods_list'],
+                       capture_output=True, text=True, timeout=60)
+    assert p.stdout.split() == list(methods.STEPS), p.stderr

@@ -201,9 +201,24 @@ def load_checkpoint(out: str) -> tuple[dict | None, str | None]:
     return state, f
 
 
+RUN_FILES = ("metrics.jsonl", "result.json", "pl_confusion.npy")  # written with atomic_write
+
+
+def remove_run_temps(out: str) -> None:
+    """NAME.tmp-PID of the run's files and last.pt.tmp, left by a writer killed mid-write."""
+    for name in RUN_FILES:
+        remove_stale_temps(os.path.join(out, name))
+    tmp = os.path.join(out, "last.pt.tmp")
+    if os.path.exists(tmp):
+        os.remove(tmp)
+
+
 def load_checkpoint_all_ranks(out: str, rank: int, world: int) -> tuple[dict | None, str | None]:
     """Rank 0 reads (and may move a corrupt last.pt aside) first; the other ranks then read the
-    same file, so every rank resumes from the same state."""
+    same file, so every rank resumes from the same state. Rank 0, the only writer (it holds the
+    lock), first removes the temporary files that a killed run left behind."""
+    if rank == 0:
+        remove_run_temps(out)
     if world == 1:
         return load_checkpoint(out)
     import torch.distributed as dist

@@ -258,6 +258,14 @@ def test_a_finished_run_is_never_overwritten(done_run, tmp_path):
     assert {n: (run / n).read_bytes() for n in before} == before
 
 
+def test_a_resumed_run_removes_the_temporary_files_of_a_killed_one(done_run, tmp_path):
+    npz, run = copy_run(done_run, tmp_path)
+    for name in ("metrics.jsonl.tmp-99999", "result.json.tmp-99998", "last.pt.tmp"):
+        (run / name).write_text("left by a kill -9")
+    train.main(tiny_args(npz, run))
+    assert not list(run.glob("*.tmp*"))
+
+
 def test_make_subset_refuses_to_replace_its_input(tmp_path, capsys):
     src = write_tiny_npz(tmp_path / "src.npz")
     before = open(src, "rb").read()

@@ -52,6 +52,10 @@ check_counts SEEDS "$SEEDS" 0
 check_own_flags EXTRA_ARGS "--dataset --data-dir --loss --entropy-ratio --out --labels-per-class \
   --labeled-idx --seed" "${extra[@]}"
 check_own_flags QUERY_ARGS "--n --strategy --seed --out" "${qextra[@]}"
+if [ -n "${GPUS:-}" ]; then
+  echo "al.sh: warning: GPUS is not used (the rounds depend on each other); to use several GPUs," \
+    "start one al.sh per seed with CUDA_VISIBLE_DEVICES" >&2
+fi
 LOSSES=$(methods_list)  # the --loss names of methods.STEPS
 check_words LOSS "$LOSS" "$LOSSES"
 [ "${LOSS//[[:space:]]/}" = "$LOSS" ] || refuse "LOSS must be one method, got '$LOSS'"

@@ -214,9 +214,24 @@ def load_checkpoint(out: str) -> tuple[dict | None, str | None]:
     return state, f
 
 
+RUN_FILES = ("metrics.jsonl", "result.json", "pl_confusion.npy")  # written with atomic_write
+
+
+def remove_run_temps(out: str) -> None:
+    """NAME.tmp-PID of the run's files and last.pt.tmp, left by a writer killed mid-write."""
+    for name in RUN_FILES:
+        remove_stale_temps(os.path.join(out, name))
+    tmp = os.path.join(out, "last.pt.tmp")
+    if os.path.exists(tmp):
+        os.remove(tmp)
+
+
 def load_checkpoint_all_ranks(out: str, rank: int, world: int) -> tuple[dict | None, str | None]:
     """Rank 0 reads (and may move a corrupt last.pt aside) first; the other ranks then read the
-    same file, so every rank resumes from the same state."""
+    same file, so every rank resumes from the same state. Rank 0, the only writer (it holds the
+    lock), first removes the temporary files that a killed run left behind."""
+    if rank == 0:
+        remove_run_temps(out)
     if world == 1:
         return load_checkpoint(out)
     import torch.distributed as dist
@@ -353,7 +368,8 @@ def remove_if_empty(out: str, top: str | None) -> None:
     """A run that failed before its first step leaves no empty --out behind, nor the empty
     parent folders (e.g. runs/) that creating it made (top: the outermost one it created)."""
     path = os.path.abspath(out)
-    if top and path.startswith(top) and os.path.isdir(path) and os.listdir(path) == [LOCK_NAME]:  # our own lock file, nothing else written
+    ours = top and path.startswith(top) and os.path.isdir(path)
+    if ours and os.listdir(path) == [LOCK_NAME]:  # only the lock file: nothing else was written
         os.remove(os.path.join(path, LOCK_NAME))
     while top and path.startswith(top):
         try:

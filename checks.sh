@@ -8,23 +8,27 @@ refuse() {  # refuse MESSAGE...: one line on stderr, exit 2
 }
 
 check_words() {  # check_words NAME "VALUE" "VALID WORDS": every word of VALUE is a valid one
-  local name=$1 value=$2 valid=$3 w
+  local name=$1 value=$2 valid=$3 w seen=" "
   [ -n "${value//[[:space:]]/}" ] || refuse "$name is empty; one or more of: $valid"
   for w in $value; do
     case " $valid " in
       *" $w "*) ;;
       *) refuse "unknown entry '$w' in $name; use one or more of: $valid" ;;
     esac
+    case $seen in *" $w "*) refuse "'$w' appears twice in $name" ;; esac
+    seen+="$w "
   done
 }
 
 check_counts() {  # check_counts NAME "VALUE" MIN: VALUE is one or more whole numbers >= MIN
-  local name=$1 value=$2 min=$3 w
+  local name=$1 value=$2 min=$3 w seen=" "
   [ -n "${value//[[:space:]]/}" ] || refuse "$name is empty; give whole numbers >= $min"
   for w in $value; do
     if ! [[ $w =~ ^[0-9]+$ ]] || [ "${#w}" -gt 9 ] || [ "$w" -lt "$min" ]; then
       refuse "$name must be whole numbers >= $min, got '$w'"
     fi
+    case $seen in *" $((10#$w)) "*) refuse "$w appears twice in $name (the same runs twice)" ;; esac
+    seen+="$((10#$w)) "
   done
 }
 
@@ -46,15 +50,16 @@ check_dry_run() {
 
 # the --loss values train.py accepts: the keys of methods.STEPS, read from methods.py's source
 # when STEPS is a literal dict (no torch import: a second), else by importing methods
-METHODS_PY='import ast, sys
-tree = ast.parse(open(sys.argv[1] + "/methods.py").read())
-for node in tree.body:
+METHODS_PY='import ast, re, sys
+src = open(sys.argv[1] + "/methods.py").read()
+changed = re.search(r"STEPS\s*\[.*\]\s*=|STEPS\s*[|+]=|STEPS\.(update|setdefault|pop)", src)
+for node in ast.parse(src).body if not changed else []:
     if (isinstance(node, ast.Assign) and [getattr(t, "id", "") for t in node.targets] == ["STEPS"]
             and isinstance(node.value, ast.Dict)
             and all(isinstance(k, ast.Constant) for k in node.value.keys)):
         print(*[k.value for k in node.value.keys])
         break
-else:
+else:  # STEPS is built or changed by code: ask the module itself
     sys.path.insert(0, sys.argv[1])
     import methods
     print(*methods.STEPS)'

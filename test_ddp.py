@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -98,21 +99,43 @@ def test_the_ranks_together_see_exactly_the_single_process_batch(one_and_two):
                 assert torch.equal(torch.cat([halves[0][j], halves[1][j]]), view)
 
 
+def gone_within(pid: int, seconds: float) -> bool:
+    """True once process pid has ended (a zombie counts: it waits for init to reap it)."""
+    for _ in range(int(seconds / 0.05) + 1):
+        try:
+            if open(f"/proc/{pid}/stat").read().split()[2] == "Z":
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def test_kill_and_resume_two_ranks_is_bitwise_exact(tiny_npz, tmp_path):
     extra = ["--epochs", "3", "--steps-per-epoch", "4", "--save-every", "1"]
     args = lambda out: ["train.py", *tiny_args(tiny_npz, out, *extra)]  # noqa: E731
     p = launch(2, args(tmp_path / "ref"), timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
+    assert "deprecated" not in p.stderr  # all_gather's warning, once per rank, is silenced
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            *args(tmp_path / "killed")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=ENV, cwd=HERE, start_new_session=True)
-    for line in proc.stdout:
-        if line.startswith("step 6/"):
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
-            break
-    proc.wait()
-    p = launch(2, args(tmp_path / "killed"), timeout=600)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 3/"):
+                os.kill(proc.pid, signal.SIGKILL)  # the launcher only: the ranks die with it
+                break
+        proc.wait()
+        rank0 = int((tmp_path / "killed" / ".lock").read_text())  # the lock's holder
+        assert gone_within(rank0, 1.5), "rank 0 outlived the torchrun launcher"
+        # a rank left running would hold the run directory's lock: the relaunch would be refused
+        p = launch(2, args(tmp_path / "killed"), timeout=600)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # nothing left, unless the ranks outlived it
+        except ProcessLookupError:
+            pass
     assert p.returncode == 0 and "resumed from" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
     ref = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
     got = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)

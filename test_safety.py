@@ -258,6 +258,14 @@ def test_a_finished_run_is_never_overwritten(done_run, tmp_path):
     assert {n: (run / n).read_bytes() for n in before} == before
 
 
+def test_a_resumed_run_removes_the_temporary_files_of_a_killed_one(done_run, tmp_path):
+    npz, run = copy_run(done_run, tmp_path)
+    for name in ("metrics.jsonl.tmp-99999", "result.json.tmp-99998", "last.pt.tmp"):
+        (run / name).write_text("left by a kill -9")
+    train.main(tiny_args(npz, run))
+    assert not list(run.glob("*.tmp*"))
+
+
 def test_make_subset_refuses_to_replace_its_input(tmp_path, capsys):
     src = write_tiny_npz(tmp_path / "src.npz")
     before = open(src, "rb").read()
@@ -522,7 +530,8 @@ def trained(tmp_path):
 def test_a_typo_in_a_driver_setting_fails_before_anything_trains(tmp_path, script):
     bad = [{"METHODS": "base entopy"}, {"SEEDS": "0 x"}, {"EPOCHS": "1e3"}, {"DRY_RUN": "yes"},
            {"EXTRA_ARGS": "--epochs 5"}, {"EXTRA_ARGS": "--data-d x"}, {"EXTRA_ARGS": "--out=x"},
-           {"GPUS": " "}, {"GPUS": "0;1"}, {"METHODS": " "}]
+           {"GPUS": " "}, {"GPUS": "0;1"}, {"METHODS": " "}, {"SEEDS": "0 1 00"},
+           {"METHODS": "base base"}]
     if script == "run_lt.sh":
         bad += [{"HARD_WEIGHT": "0.7.5"}, {"ENTROPY_RATIO": "0"}, {"MU": "-1"},
                 {"HARD_WEIGHT": "0.75", "EPOCHS": "5"}]
@@ -577,3 +586,11 @@ def test_al_sh_normalises_extra_args_and_refuses_its_own_flags(tmp_path):
         p = driver(tmp_path, "al.sh", EXTRA_ARGS=extra, QUERY_ARGS=qargs, **env)
         assert p.returncode == 2 and "al.sh sets it itself" in p.stderr, (extra, qargs, p.stderr)
     assert driver(tmp_path, "al.sh", LOSS="entopy", **env).returncode == 2
+
+
+def test_the_drivers_read_the_method_names_from_methods_py():
+    import methods
+    p = subprocess.run(["bash", "-c", f'DRIVER=t HERE={shlex.quote(HERE)} PYTHON={sys.executable} '
+                        f'&& . {shlex.quote(os.path.join(HERE, "checks.sh"))} && methods_list'],
+                       capture_output=True, text=True, timeout=60)
+    assert p.stdout.split() == list(methods.STEPS), p.stderr

@@ -433,6 +433,9 @@ def test_peer_mask_is_on_exactly_at_tau(monkeypatch, loss):
 
 def test_ema_is_updated_after_the_optimizer_step(npz8, tmp_path):
     run = make_run(npz8, tmp_path / "r", "entropy")
+    with torch.no_grad():  # an EMA unlike the online model: an update with the pre-step weights shows
+        for p in run.ema.parameters():
+            p.add_(0.1 * torch.randn_like(p))
     rec = capture_one_step(run)
     d = run.args.ema_decay
     after = [d * e + (1 - d) * p for e, p in zip(rec["ema0"].parameters(), rec["after_opt"])]
@@ -511,6 +514,25 @@ def test_training_forward_uses_train_mode_bn_with_bn_momentum_and_evaluation_eva
     with torch.no_grad():
         train_mode = copy.deepcopy(run.ema).train().class_scores(run.norm(run.x_test))
     assert not torch.allclose(train_mode, s_all, atol=1e-3)  # the check can tell the modes apart
+
+
+def test_evaluation_scores_the_ema_model_in_eval_mode(npz8, tmp_path, monkeypatch):
+    import evaluate
+    run = make_run(npz8, tmp_path / "r", "entropy")
+    with torch.no_grad():  # an EMA unlike the online model
+        for p in run.ema.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    seen = []
+    monkeypatch.setattr(train, "eval_metrics", lambda scores, *a, **k: seen.append(scores) or {})
+    run.evaluate()
+    ema = copy.deepcopy(run.ema).eval()
+    online = copy.deepcopy(run.model).eval()
+    with torch.no_grad():
+        want = ema.class_scores(run.norm(run.x_test)) / run.args.pl_temp
+        other = online.class_scores(run.norm(run.x_test)) / run.args.pl_temp
+    assert not torch.allclose(want, other, atol=1e-3)
+    torch.testing.assert_close(seen[0], want, rtol=1e-5, atol=1e-5,
+                               msg="evaluation does not score the EMA model in eval mode, / T_pl")
 
 
 @pytest.mark.parametrize("variant", ["usb", "tf"])

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import config
+import evaluate
 import losses
 import methods
 import train
@@ -83,7 +84,7 @@ def capture_one_step(run: train.Run) -> dict:
     return rec
 
 
-# ---------------------------------------------------------------- float64 references of the spec
+# ---------------------------------------------------------------- float64 references of the method descriptions
 
 def supcon64(f, y, w, t, pair=None):
     """Eq. (6) (pair=None: anchor weights) or Eq. (8) (pair 'geometric' sqrt(w_i w_p), 'product'
@@ -271,7 +272,7 @@ def rel_err(got: dict, ref: dict) -> float:
 
 
 @pytest.mark.parametrize("loss", list(methods.STEPS))
-def test_one_step_parameter_gradients_match_the_float64_spec(npz8, tmp_path, loss):
+def test_one_step_parameter_gradients_match_the_float64_reference(npz8, tmp_path, loss):
     torch.manual_seed(0)
     run = make_run(npz8, tmp_path / loss, loss)
     with torch.no_grad():  # an EMA unlike the online model, so that a teacher from it shows
@@ -294,7 +295,7 @@ def test_one_step_parameter_gradients_match_the_float64_spec(npz8, tmp_path, los
         assert 0 < int(sel.sum()) < int((conf < run.args.threshold).sum()), "test data: selection"
     err = rel_err(rec["grads"], ref)
     assert all(rec["grads"][n] is not None for n in ref if ref[n].abs().sum() > 0), \
-        f"{loss}: parameters the spec trains got no gradient"
+        f"{loss}: parameters the method trains got no gradient"
     if "prototypes" in ref:
         assert rec["grads"]["prototypes"].abs().sum() > 0, "the prototypes received no gradient"
     variants = {m: rel_err(rec["grads"], reference_grads(run, rec, m)[0]) for m in MISTAKES[loss]}
@@ -302,7 +303,7 @@ def test_one_step_parameter_gradients_match_the_float64_spec(npz8, tmp_path, los
         best = min(variants, key=variants.get)
         hint = f"; it matches the reference with the mistake '{best}'" if variants[best] < TOL else ""
         pytest.fail(f"{loss}: one step's parameter gradients differ from the float64 reference of "
-                    f"the spec (relative error {err:.2e}){hint}")
+                    f"the method description (relative error {err:.2e}){hint}")
     for m, e in variants.items():  # the test can tell each mistake from the right step
         assert e > 50 * TOL, f"{loss}: this test cannot detect the mistake '{m}' (error {e:.1e})"
 
@@ -433,6 +434,9 @@ def test_peer_mask_is_on_exactly_at_tau(monkeypatch, loss):
 
 def test_ema_is_updated_after_the_optimizer_step(npz8, tmp_path):
     run = make_run(npz8, tmp_path / "r", "entropy")
+    with torch.no_grad():  # an EMA unlike the online model: an update with the pre-step weights shows
+        for p in run.ema.parameters():
+            p.add_(0.1 * torch.randn_like(p))
     rec = capture_one_step(run)
     d = run.args.ema_decay
     after = [d * e + (1 - d) * p for e, p in zip(rec["ema0"].parameters(), rec["after_opt"])]
@@ -484,7 +488,6 @@ def test_training_forward_uses_train_mode_bn_with_bn_momentum_and_evaluation_eva
     bns = {n: b for n, b in run.model.named_modules() if isinstance(b, torch.nn.BatchNorm2d)}
     assert all(b.momentum == m for b in bns.values()), "--bn-momentum did not reach every BatchNorm"
     run.evaluate()  # evaluation must leave the online model in train mode
-    ema_stats = [b.clone() for b in run.ema.buffers()]
     before = {n: (b.running_mean.clone(), b.running_var.clone()) for n, b in bns.items()}
     seen, hooks = _bn_inputs(run.model)
     run.train_step()
@@ -500,17 +503,34 @@ def test_training_forward_uses_train_mode_bn_with_bn_momentum_and_evaluation_eva
         torch.testing.assert_close(bns[n].running_var.double(), (1 - m) * rv0 + m * var,
                                    rtol=1e-4, atol=1e-6, msg=f"{n}: running_var")
     # evaluation: eval mode (running statistics, nothing updated), batch-independent scores
-    import evaluate
     ema_stats = [b.clone() for b in run.ema.buffers()]
     s7 = evaluate.scores_all(run.ema, run.x_test, run.norm, 7)
     s_all = evaluate.scores_all(run.ema, run.x_test, run.norm, 1024)
-    assert all(torch.equal(a, b) for a, b in zip(ema_stats, run.ema.buffers()) if a.is_floating_point()), \
-        "evaluation updated the EMA's BN statistics (train mode)"
+    assert all(torch.equal(a, b) for a, b in zip(ema_stats, run.ema.buffers())
+               if a.is_floating_point()), "evaluation updated the EMA's BN statistics (train mode)"
     torch.testing.assert_close(s7, s_all, rtol=1e-5, atol=1e-6,
                                msg="evaluation scores depend on the batch (BN in train mode)")
     with torch.no_grad():
         train_mode = copy.deepcopy(run.ema).train().class_scores(run.norm(run.x_test))
     assert not torch.allclose(train_mode, s_all, atol=1e-3)  # the check can tell the modes apart
+
+
+def test_evaluation_scores_the_ema_model_in_eval_mode(npz8, tmp_path, monkeypatch):
+    run = make_run(npz8, tmp_path / "r", "entropy")
+    with torch.no_grad():  # an EMA unlike the online model
+        for p in run.ema.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    seen = []
+    monkeypatch.setattr(train, "eval_metrics", lambda scores, *a, **k: seen.append(scores) or {})
+    run.evaluate()
+    ema = copy.deepcopy(run.ema).eval()
+    online = copy.deepcopy(run.model).eval()
+    with torch.no_grad():
+        want = ema.class_scores(run.norm(run.x_test)) / run.args.pl_temp
+        other = online.class_scores(run.norm(run.x_test)) / run.args.pl_temp
+    assert not torch.allclose(want, other, atol=1e-3)
+    torch.testing.assert_close(seen[0], want, rtol=1e-5, atol=1e-5,
+                               msg="evaluation does not score the EMA model in eval mode, / T_pl")
 
 
 @pytest.mark.parametrize("variant", ["usb", "tf"])

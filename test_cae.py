@@ -305,15 +305,15 @@ def tiny_data(tmp_path_factory):
 
 
 def make_tiny(folder) -> str:
-    """200 train / 20 test 16 x 16 images, a class-dependent blob plus noise, in IDX files."""
+    """120 train / 20 test 16 x 16 images, a class-dependent blob plus noise, in IDX files."""
     rng = np.random.default_rng(0)
-    y_all = np.arange(220) % 10
+    y_all = np.arange(140) % 10
     yy, xx = np.mgrid[:16, :16]
     blobs = [np.exp(-((yy - 3 - c // 5 * 8) ** 2 + (xx - 1 - c % 5 * 3) ** 2) / 6) for c in range(10)]
-    x_all = np.clip(np.stack([blobs[c] for c in y_all]) * 220 + rng.normal(0, 20, (220, 16, 16)),
+    x_all = np.clip(np.stack([blobs[c] for c in y_all]) * 220 + rng.normal(0, 20, (140, 16, 16)),
                     0, 255)
-    for k, arr in (("x_train", x_all[:200]), ("y_train", y_all[:200]), ("x_test", x_all[200:]),
-                   ("y_test", y_all[200:])):
+    for k, arr in (("x_train", x_all[:120]), ("y_train", y_all[:120]), ("x_test", x_all[120:]),
+                   ("y_test", y_all[120:])):
         write_idx(str(folder / (data.IDX_FILES[k] + ".gz")), arr)
     return str(folder)
 
@@ -356,17 +356,24 @@ def kill_after(monkeypatch, name, calls):
     monkeypatch.setattr(cae_al, name, wrapped)
 
 
-def test_kill_and_resume_is_bitwise_and_finished_run_is_skipped(tiny_data, tmp_path, monkeypatch,
-                                                                capsys):
-    cae_al.main(tiny_argv(tiny_data, tmp_path / "straight"))
-    straight = final_state(tmp_path / "straight")
+@pytest.fixture(scope="module")
+def runs_root(tiny_data, tmp_path_factory):
+    """One straight entropy run, shared by the resume and the report tests."""
+    root = tmp_path_factory.mktemp("runs")
+    cae_al.main(tiny_argv(tiny_data, root / "entropy"))
+    return root
+
+
+def test_kill_and_resume_is_bitwise_and_finished_run_is_skipped(tiny_data, runs_root, tmp_path,
+                                                                monkeypatch, capsys):
+    straight = final_state(runs_root / "entropy")
     # killed in pre-training epoch 2, then (after resuming) in the middle of round 1
     with monkeypatch.context() as m:
         kill_after(m, "pretrain_epoch", 1)
         with pytest.raises(Killed):
             cae_al.main(tiny_argv(tiny_data, tmp_path / "killed"))
     with monkeypatch.context() as m:
-        kill_after(m, "train_step", 7)               # a round is 1 epoch of 5 iterations
+        kill_after(m, "train_step", 4)               # a round is 1 epoch of 3 iterations
         with pytest.raises(Killed):
             cae_al.main(tiny_argv(tiny_data, tmp_path / "killed"))
     assert final_state(tmp_path / "killed")[0]["round"] == 1
@@ -379,9 +386,8 @@ def test_kill_and_resume_is_bitwise_and_finished_run_is_skipped(tiny_data, tmp_p
     assert "finished" in capsys.readouterr().out
 
 
-def test_outputs_pretrained_reuse_and_report(tiny_data, tmp_path, monkeypatch):
-    root = tmp_path / "runs"
-    cae_al.main(tiny_argv(tiny_data, root / "entropy"))
+def test_outputs_pretrained_reuse_and_report(tiny_data, runs_root, tmp_path, monkeypatch):
+    root = runs_root
     cae_al.main(tiny_argv(tiny_data, root / "random", "--query", "random"))
     calls = []
     monkeypatch.setattr(cae_al, "pretrain_epoch", lambda run: calls.append(1))
@@ -392,7 +398,7 @@ def test_outputs_pretrained_reuse_and_report(tiny_data, tmp_path, monkeypatch):
     _, hist = final_state(root / "entropy")
     assert [h["labels"] for h in hist] == [40, 50, 60]
     lat = np.load(root / "entropy" / "latents.npz")
-    assert lat["z"].shape == (160, 10) and len(lat["labeled"]) == 60
+    assert lat["z"].shape == (96, 10) and len(lat["labeled"]) == 60
     text = cae_al.report(str(root))
     acc0 = f"{hist[0]['val_acc']:.3f}"                # all of the tiny pool is above 10 %
     assert f"| entropy + CCL | measured | {acc0} | {acc0} |" in text and "random + CCL" in text
@@ -419,12 +425,16 @@ def one_line_exit(argv) -> str:
 
 
 def test_bad_input_is_one_line(tiny_data, tmp_path):
-    assert "cannot query 200" in one_line_exit(tiny_argv(tiny_data, tmp_path / "a", "--query-size", "200"))
+    assert "cannot query 200" in one_line_exit(tiny_argv(tiny_data, tmp_path / "a", "--query-size", "200",
+                                                         "--pretrain-epochs", "0"))
     assert "larger than the pool" in one_line_exit(tiny_argv(tiny_data, tmp_path / "b", "--init-labels", "999"))
-    assert "class(es)" in one_line_exit(tiny_argv(tiny_data, tmp_path / "c", "--init-labels", "3"))
-    cae_al.main(tiny_argv(tiny_data, tmp_path / "d", "--rounds", "0"))
+    assert "class(es)" in one_line_exit(tiny_argv(tiny_data, tmp_path / "c", "--init-labels", "3",
+                                                  "--pretrain-epochs", "0"))
+    cae_al.main(tiny_argv(tiny_data, tmp_path / "d", "--rounds", "0", "--pretrain-epochs", "1",
+                          "--epochs-per-round", "0"))
     assert "--query 'entropy' (now 'random')" in one_line_exit(
-        tiny_argv(tiny_data, tmp_path / "d", "--rounds", "0", "--query", "random"))
+        tiny_argv(tiny_data, tmp_path / "d", "--rounds", "0", "--pretrain-epochs", "1",
+                  "--epochs-per-round", "0", "--query", "random"))
     assert "pretrained.pt does not exist" in one_line_exit(
         tiny_argv(tiny_data, tmp_path / "e", "--pretrained", str(tmp_path / "nowhere")))
     with open(tmp_path / "d" / "last.pt", "wb") as f:
@@ -482,5 +492,5 @@ def test_target_refreshed_every_update_interval_iterations(tiny_data, tmp_path, 
     monkeypatch.setattr(cae_al, "refresh_target", refresh)
     monkeypatch.setattr(cae_al, "train_step", step)
     cae_al.train_round(run, {"refresh_P": 0.0})
-    assert steps[0] == 15 and refreshed == [0, 3, 6, 9, 12]         # 3 epochs x 5 iterations
+    assert steps[0] == 9 and refreshed == [0, 3, 6]                 # 3 epochs x 3 iterations
     assert sizes[:6] == [16, 16, 8] * 2       # the 40 labeled images cycle through permutations

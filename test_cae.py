@@ -494,3 +494,28 @@ def test_target_refreshed_every_update_interval_iterations(tiny_data, tmp_path, 
     cae_al.train_round(run, {"refresh_P": 0.0})
     assert steps[0] == 9 and refreshed == [0, 3, 6]                 # 3 epochs x 3 iterations
     assert sizes[:6] == [16, 16, 8] * 2       # the 40 labeled images cycle through permutations
+
+
+def test_protocol_defaults_and_loss_wiring(tiny_data, tmp_path, monkeypatch):
+    a = cae_al.parse_args(["--out", "x"])
+    assert (a.dataset, a.val_frac, a.init_labels, a.query_size, a.rounds, a.epochs_per_round,
+            a.pretrain_epochs, a.update_interval, a.query, a.ccl_form, a.no_ccl) == (
+        "fashionmnist", 0.2, 250, 250, 20, 10, 50, 80, "entropy", "printed", False)
+    u = cae_al.parse_args(["--out", "x", "--dataset", "usps"])
+    assert (u.init_labels, u.query_size, u.rounds) == (75, 75, 9)
+    calls = []
+    real = losses.cluster_contrastive
+    monkeypatch.setattr(losses, "cluster_contrastive",
+                        lambda z, y, mu, tau, pos: calls.append((len(z), tau, pos)) or real(z, y, mu, tau, pos))
+    for extra, expect in (([], (16, 1.0, False)), (["--ccl-form", "infonce", "--tau", "0.5"], (16, 0.5, True)),
+                          (["--no-ccl"], None)):
+        a = cae_al.parse_args(tiny_argv(tiny_data, tmp_path / "w", *extra))
+        run = cae_al.Run(a, cae_al.load(a))
+        p = cae_al.refresh_target(run)
+        assert not p.requires_grad                     # P is a target: no gradient through it
+        before = run.clu.mu.detach().clone()
+        calls.clear()
+        x = cae_al.batch(run.x_pool[:32])
+        cae_al.train_step(run, x, p[:32], cae_al.batch(run.x_pool[:16]), run.y_pool[:16])
+        assert calls == ([expect] if expect else [])
+        assert not torch.equal(before, run.clu.mu)     # the centroids train (through KL and CCL)

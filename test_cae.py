@@ -413,7 +413,9 @@ def test_outputs_pretrained_reuse_and_report(tiny_data, runs_root, tmp_path, mon
     text = cae_al.report(str(tmp_path / "fake"))
     assert "| core-set, clustering only | measured | 0.500 | 0.600 | not run | not run | 1 |" in text
     assert "| Ours (entropy + CCL) | published | 0.490 | 0.671 | 0.697 | 0.758 | - |" in text
-    assert (root / "table.csv").exists() and (root / "accuracy_vs_labels.png").exists()
+    assert (root / "table.csv").exists()
+    if __import__("importlib").util.find_spec("matplotlib"):   # the plot is an optional extra
+        assert (root / "accuracy_vs_labels.png").exists()
 
 
 def one_line_exit(argv) -> str:

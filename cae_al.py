@@ -42,6 +42,7 @@ PERCENTS = (1, 3, 5, 10)
 PAPER = {"fashionmnist": {"Ours (entropy + CCL)": (0.490, 0.671, 0.697, 0.758),
                           "Entropy": (0.318, 0.468, 0.556, 0.637),
                           "Core-set": (0.305, 0.627, 0.679, 0.729)}}
+PAPER_POOL = {"mnist": 48000, "fashionmnist": 48000, "usps": 7438}  # their pools (80 % split)
 # what must match for a checkpoint to be resumed (--rounds may grow, --threads may change)
 RESUME_KEYS = ("dataset", "seed", "query", "no_ccl", "ccl_form", "tau", "alpha_rec", "alpha_clu",
                "alpha_ccl", "val_frac", "init_labels", "query_size", "epochs_per_round",
@@ -108,7 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--out is required (or --report ROOT)")
     for k in ("init_labels", "query_size", "pretrain_epochs", "epochs_per_round", "update_interval",
               "batch_size", "batch_lb"):
-        if getattr(a, k) < (0 if k == "pretrain_epochs" else 1):
+        if getattr(a, k) < (0 if k in ("pretrain_epochs", "epochs_per_round") else 1):
             p.error(f"--{k.replace('_', '-')} must be >= 1, got {getattr(a, k)}")
     if a.rounds < 0 or not 0 < a.val_frac < 1 or not a.tau > 0 or a.lr <= 0 or a.subset < 0:
         p.error("need --rounds >= 0, 0 < --val-frac < 1, --tau > 0, --lr > 0, --subset >= 0")
@@ -399,15 +400,14 @@ def report(root: str) -> str:
     if not runs:
         fail(f"no run (result.json) under {root}")
     lines, rows = [], [["dataset", "method", "source", *[f"{p}%" for p in PERCENTS], "runs"]]
-    for ds in sorted({r["args"]["dataset"] for r in runs}):
-        mine = [r for r in runs if r["args"]["dataset"] == ds]
-        pool = mine[0]["pool"]
+    for ds, pool in sorted({(r["args"]["dataset"], r["pool"]) for r in runs}):
+        mine = [r for r in runs if (r["args"]["dataset"], r["pool"]) == (ds, pool)]
         labels = [math.ceil(p / 100 * pool) for p in PERCENTS]
         lines += [f"### {ds} (pool {pool}; validation accuracy; a column is the first round with "
                   f"at least {', '.join(map(str, labels))} labels)", "",
                   "| method | source | " + " | ".join(f"{p} %" for p in PERCENTS) + " | runs |",
                   "|---|---|" + "---|" * len(PERCENTS) + "---|"]
-        for name, vals in PAPER.get(ds, {}).items():
+        for name, vals in (PAPER.get(ds, {}) if pool == PAPER_POOL[ds] else {}).items():
             cells = [f"{v:.3f}" for v in vals]
             lines.append(f"| {name} | published | " + " | ".join(cells) + " | - |")
             rows.append([ds, name, "published", *cells, ""])
@@ -478,7 +478,9 @@ def main(argv=None) -> None:
         run.load_state(read_state(src), src, PRETRAIN_KEYS)
         print(f"starting from the pre-training of {src}")
     if run.round > a.rounds:
-        print(f"{a.out} is finished ({a.rounds} rounds); nothing to do")
+        print(f"{a.out} is finished ({a.rounds} rounds); nothing to train")
+        if a.tsne:
+            tsne_picture(a.out)
         return
     while run.pre_epoch < a.pretrain_epochs:
         t0 = time.perf_counter()

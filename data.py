@@ -599,11 +599,14 @@ def make_splits(ds: dict, args) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         picked = []
         for c in range(k):
             idx = rest[y[rest] == c]
-            if len(idx) < n_val:
-                n_lab = 0 if args.labels_per_class == "all" else int((y[lb] == c).sum())
+            if len(idx) < n_val + (args.labels_per_class == "all"):  # "all" keeps >= 1 labeled
+                has = (f"{len(idx)} labeled training images and needs at least one of them "
+                       f"labeled" if args.labels_per_class == "all" else
+                       f"{int((y == c).sum())} training images, {int((y[lb] == c).sum())} of "
+                       f"them labeled")
                 raise ValueError(f"--val-per-class {n_val} is larger than class "
-                                 f"{ds['classes'][c]!r} allows: it has {int((y == c).sum())} "
-                                 f"training images, {n_lab} of them labeled; lower --val-per-class")
+                                 f"{ds['classes'][c]!r} allows: it has {has}; lower "
+                                 f"--val-per-class")
             rng.shuffle(idx)
             picked.append(idx[:n_val])
         val = np.sort(np.concatenate(picked)).astype(np.int64)

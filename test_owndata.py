@@ -169,6 +169,9 @@ def test_validation_split_is_seeded_and_keeps_the_labeled_set(tmp_path):
     assert len(lb_all) == 30 - 9 and not set(lb_all) & set(val_all)
     args.seed = 0  # the same images to choose from: only the seed can change the choice
     assert not np.array_equal(data.make_splits(ds, args)[2], val_all)
+    args.val_per_class = 10  # every image of a class: none would be left to label
+    with pytest.raises(ValueError, match="it has 10 labeled training images and needs at least one"):
+        data.make_splits(ds, args)
 
 
 def test_host_resident_data_gives_bitwise_the_same_run(tmp_path):

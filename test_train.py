@@ -193,7 +193,7 @@ def test_run_all_with_a_space_in_out_dir_and_methods(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [
-    ["--dataset", "mnist"],
+    ["--dataset", "imagenet"],
     ["--labels-per-class", "0"],
     ["--batch-size", "-1"],
     ["--epochs", "0"],

@@ -19,6 +19,14 @@ The peer methods of docs/peers.md (FixMatch, CCSSL, SimMatch):
     distribution_alignment p (1/K) / mean p, renormalised (SimMatch, uniform target)
     simmatch_targets       SimMatch's label propagation through the labeled bank: p_hat, q_hat
 
+SeMi (docs/long_tailed.md; its memory bank is state, in methods.SemiState):
+
+    oheml_weight           hard-example weight s H(p) / log K + 1 - s
+    logit_adjustment       log(pi^tau + 1e-12), the balanced head's logit adjustment
+    bank_class_probs       semantic pseudo-label softmax(-||f - mu_c|| / tau_tar)
+    semantic_blend         p' = (1 - a_c) p + a_c q_proto, a_c = alpha ramp pi_hat_c (not renormalised)
+    feature_consistency    sharpened, centred feature target of the weak view for a strong view
+
 Everything is vectorised over rows, runs on any device and computes in float32 even when
 called with float16/bfloat16 inputs or under autocast. The public functions validate their
 inputs; `validate=False` skips the checks that need a device->host copy (the training step

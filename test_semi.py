@@ -4,7 +4,10 @@ wiring (weak view = teacher), two-head prediction, every split mode end to end, 
 kill-and-resume with the bank, no host sync in the step, the command-line rules."""
 import json
 import math
+import os
 import random
+import shlex
+import subprocess
 from types import SimpleNamespace
 
 
@@ -462,3 +465,21 @@ def test_lt_table_has_semi_rows_for_both_heads(tiny_npz, tmp_path):
     res = json.load(open(tmp_path / "lt" / "semi_s0" / "result.json"))
     assert f"{100 * res['final']['test_acc_head1']:.2f} (1 seed)" in rows[1]
     assert f"{100 * res['final']['test_acc']:.2f} (1 seed)" in rows[0]
+
+
+def test_run_lt_and_run_all_accept_semi(tmp_path):
+    """run_lt.sh METHODS="fixmatch semi" HARD_WEIGHT=0.75: semi runs without --hard-weight (it
+    has its own OHEML), and every command it lists parses; run_all.sh lists semi cells too."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for script, methods_ in (("run_lt.sh", "fixmatch semi"), ("run_all.sh", "semi")):
+        env = dict(os.environ, DRY_RUN="1", OUT_DIR=str(tmp_path / "o"), METHODS=methods_,
+                   HARD_WEIGHT="0.75")
+        p = subprocess.run(["bash", os.path.join(here, script)], capture_output=True, text=True, env=env)
+        assert p.returncode == 0, p.stderr
+        cmds = [shlex.split(line) for line in p.stdout.strip().splitlines() if "train.py" in line]
+        semi = [c for c in cmds if c[c.index("--loss") + 1] == "semi"]
+        assert semi and all("--hard-weight" not in c for c in semi)
+        for c in (semi[0], semi[-1]):  # a cifar10 and a cifar100 setting
+            a = config.get_args(c[2:] + ["--out", str(tmp_path / "x"), "--device", "cpu"])
+            assert a.loss == "semi" and a.threshold == 0.7
+            assert a.semi_decay_step == (200 if a.dataset == "cifar100" else 100)

@@ -13,6 +13,7 @@ import os
 import sys
 from typing import IO, Callable
 
+import numpy as np
 import torch
 
 CKPT_NAMES = ("last.pt", "prev.pt")  # newest first; prev.pt is the one before last.pt
@@ -205,6 +206,7 @@ def load_checkpoint(out: str) -> tuple[dict | None, str | None]:
     except CheckpointError as e:
         if any(os.path.exists(os.path.join(out, n)) for n in CKPT_NAMES):
             fail(str(e))
+        refuse_finished(out)  # a fresh run, unless the folder holds a finished one
         return None, None
     last = os.path.join(out, "last.pt")
     if f.endswith("prev.pt") and os.path.exists(last):
@@ -272,6 +274,16 @@ def check_resumable(s: dict, args, dev: torch.device, amp_dtype, world: int) -> 
              f"not have; resume on the same kind of GPU, or start a new run with another --out")
 
 
+def check_same_split(s: dict, out: str, labeled_idx, unlabeled_idx, val_idx) -> None:
+    """The checkpoint's labeled, unlabeled and validation indices must be the ones the data gives
+    now (checkpoints from before a set was saved have none: the unlabeled set was then the whole
+    training set, and there was no validation split)."""
+    same_ulb = "unlabeled_idx" not in s or np.array_equal(s["unlabeled_idx"].numpy(), unlabeled_idx)
+    same_ulb &= np.array_equal(s.get("val_idx", torch.zeros(0)).numpy(), val_idx)
+    if not np.array_equal(s["labeled_idx"].numpy(), labeled_idx) or not same_ulb:
+        fail(f"{out}: the labeled split differs from the checkpoint's (dataset changed?)")
+
+
 # ---------------------------------------------------------------- the non-finite guard
 
 class NonFiniteGuard:
@@ -320,10 +332,12 @@ class DirLock:
     block runs. The kernel drops the lock when the process dies (kill -9 included), so a crash
     never leaves a stale lock; the file itself stays and only holds the last holder's pid."""
 
-    def __init__(self, folder: str, prog: str = "train.py"):
-        self.folder, self.prog, self.fd = folder, prog, None
+    def __init__(self, folder: str, prog: str = "train.py", held: bool = True):
+        self.folder, self.prog, self.fd, self.held = folder, prog, None, held
 
     def __enter__(self) -> "DirLock":
+        if not self.held:  # e.g. torchrun ranks other than 0, which write nothing to the folder
+            return self
         path = os.path.join(self.folder, LOCK_NAME)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 
 import numpy as np
 import torch
@@ -148,6 +149,12 @@ def progress_line(run, lr: float, rate: float, ipb: int) -> str:
             f"{rate * ipb:.0f} img/s ETA {(run.total - run.step) / max(rate, 1e-9) / 60:.1f} min")
 
 
+def train_scalars(run, img_s: float) -> dict:
+    """The TensorBoard scalars of a progress line."""
+    s = named(run.stats)
+    return {"loss": s["loss_sum"] / max(s["steps"], 1), "img_s": img_s, "lr": run.lr()}
+
+
 def eval_line(m: dict) -> str:
     pct = lambda v: "-" if v is None else f"{100 * v:.1f} %"  # noqa: E731
     w = "-" if m["mean_weight"] is None else format(m["mean_weight"], ".3f")
@@ -157,6 +164,15 @@ def eval_line(m: dict) -> str:
     return (f"epoch {m['epoch']:.2f}: test acc {100 * m['test_acc']:.2f} % (EMA){val} | pseudo-label "
             f"accuracy: confident {pct(m['pl_acc_confident'])}, entropy-selected "
             f"{pct(m['pl_acc_selected'])}{known} | mean unlabeled weight {w}")
+
+
+def warn_unlabeled_classes(classes: list, labeled_counts: list) -> None:
+    """Classes without a labeled image are allowed (e.g. an active-learning start), but worth
+    knowing."""
+    missing = [classes[c] for c, n in enumerate(labeled_counts) if n == 0]
+    if missing:
+        print(f"warning: {len(missing)} of {len(classes)} classes have no labeled image: "
+              f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- TensorBoard

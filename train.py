@@ -1,6 +1,6 @@
 """Train WRN-28-2 with the unified contrastive loss [G] (--loss base) or its entropy-weighted,
-pair-weighted version [N&O] (--loss entropy); the peers FixMatch, CCSSL and SimMatch under the
-same protocol. This file is the recipe: the state of a run, one training step, the loop.
+pair-weighted version [N&O] (--loss entropy); the peers (FixMatch, CCSSL, SimMatch, SeMi) under
+the same protocol. This file is the recipe: the state of a run, one training step, the loop.
 
     python train.py --dataset cifar10 --labels-per-class 4 --loss entropy
 
@@ -94,8 +94,8 @@ class Run:
         self.x_test = data.to_tensor_images(ds["x_test"], home, pin)
         self.y_test = torch.from_numpy(ds["y_test"]).to(dev)
         self.x_val, self.y_val = self.x_train[self.val_idx], self.y_train[self.val_idx]
-        self.lb = torch.from_numpy(self.labeled_idx).to(dev)
-        self.ulb = torch.from_numpy(self.unlabeled_idx).to(dev)
+        self.lb, self.ulb = (torch.from_numpy(i).to(dev)
+                             for i in (self.labeled_idx, self.unlabeled_idx))
         self.labeled_counts = np.bincount(ds["y_train"][self.labeled_idx], minlength=self.k).tolist()
         self.norm = data.Normalize(self.mean, self.std, dev, channels_last=args.channels_last)
         # model, EMA copy, optimiser; the seed fixes the initialisation
@@ -132,21 +132,19 @@ class Run:
                                                torch.Generator(dev).manual_seed(args.seed + 4),
                                                args, self.model.backbone.out_dim)
         # progress and what is logged
-        self.total = args.epochs * args.steps_per_epoch
-        self.step = 0
+        self.total, self.step = args.epochs * args.steps_per_epoch, 0
         self.history: list[float] = []  # test accuracy of each evaluation
         self.val_history: list[float] = []  # validation accuracy of each (--val-per-class)
         self.last_test: dict = {}  # the metrics of the last evaluation
         self.elapsed = 0.0  # training seconds over all sessions
-        self.stats, self.pl_confusion = self.new_stats(), self.new_confusion()
+        self.stats, self.pl_confusion = self.new_interval()
         self.guard = checkpoint.NonFiniteGuard(dev, args.skip_nonfinite, args.out)
 
-    def new_stats(self) -> torch.Tensor:
-        return torch.zeros(len(logs.STATS), device=self.dev, dtype=torch.float64)
-
-    def new_confusion(self) -> torch.Tensor:
-        # (confident, entropy-selected, unconfident) x true class x argmax class, over an interval
-        return torch.zeros(3, self.k, self.k, device=self.dev, dtype=torch.float64)
+    def new_interval(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed accumulators of an evaluation interval: the statistics (logs.STATS) and the
+        pseudo-label confusion (confident, entropy-selected, unconfident) x true x argmax class."""
+        return (torch.zeros(len(logs.STATS), device=self.dev, dtype=torch.float64),
+                torch.zeros(3, self.k, self.k, device=self.dev, dtype=torch.float64))
 
     # ---------------------------------------------------------------- the training step
 
@@ -182,7 +180,7 @@ class Run:
                                   n_ulb, self.n_strong, y_lb, pos_lb, y_ulb)
         # the method's loss (methods.py); its targets come from the online model's weak view
         loss, diag, confusion = self.step_fn(out, self.model, a, self.step, self.method_state)
-        if self.step == a.debug_nan_step:
+        if self.step == a.debug_nan_step:  # test-only fault injection
             loss = loss * float("nan")
         if self.guard.skip(loss, self.step):
             self.opt.zero_grad(set_to_none=True)
@@ -209,8 +207,8 @@ class Run:
             scores = scores / self.args.pl_temp
         m = eval_metrics(scores, self.y_test, self.labeled_counts, self.args.logit_adjust)
         m |= head1_metrics(self.ema, h, self.y_test, self.labeled_counts, self.args.logit_adjust)
-        val = val_metrics(self.ema, self.x_val, self.y_val, self.norm, self.args.eval_batch_size)
-        return {**m, **val}  # val_acc with --val-per-class
+        # val_acc with --val-per-class
+        return m | val_metrics(self.ema, self.x_val, self.y_val, self.norm, self.args.eval_batch_size)
 
     def lr(self) -> float:
         """The learning rate of the last step, as the optimiser has it."""
@@ -241,11 +239,8 @@ class Run:
 
     def load_state_dict(self, s: dict) -> None:
         checkpoint.check_resumable(s, self.args, self.dev, self.amp_dtype, self.world)
-        same_ulb = "unlabeled_idx" not in s or np.array_equal(s["unlabeled_idx"].numpy(),
-                                                               self.unlabeled_idx)
-        same_ulb &= np.array_equal(s.get("val_idx", torch.zeros(0)).numpy(), self.val_idx)
-        if not np.array_equal(s["labeled_idx"].numpy(), self.labeled_idx) or not same_ulb:
-            fail(f"{self.args.out}: the labeled split differs from the checkpoint's (dataset changed?)")
+        checkpoint.check_same_split(s, self.args.out, self.labeled_idx, self.unlabeled_idx,
+                                    self.val_idx)
         self.model.load_state_dict(s["model"])
         self.ema.load_state_dict(s["ema"])
         self.opt.load_state_dict(s["optimizer"])
@@ -267,9 +262,8 @@ class Run:
             self.method_state.load_state_dict(s["method_state"])
 
     def save(self, board: logs.Board, best: bool = False) -> None:
-        """Checkpoint (never a non-finite state); TensorBoard's points up to this step are flushed
-        first, so that a resume from this checkpoint neither loses nor repeats any. best: also
-        keep it as OUT/best_val.pt (the best validation accuracy so far)."""
+        """Checkpoint (never a non-finite state; best: also as OUT/best_val.pt). TensorBoard's points
+        up to this step are flushed first: a resume from it neither loses nor repeats any."""
         self.guard.check()
         board.flush()
         checkpoint.save_checkpoint(self.args.out, self.state_dict(), best)
@@ -279,9 +273,8 @@ class Run:
 
 def main(argv=None) -> dict:
     args = config.get_args(argv)
-    if ddp.world()[0] != 0:  # rank 0 alone writes to --out, so it alone holds the lock
-        return train(args)
-    with checkpoint.DirLock(args.out):  # one writer per run directory
+    # one writer per run directory: rank 0 alone writes to --out, so it alone holds the lock
+    with checkpoint.DirLock(args.out, held=ddp.world()[0] == 0):
         return train(args)
 
 
@@ -289,9 +282,8 @@ def train(args) -> dict:
     # set up: data, model, optimiser, samplers; resume if --out holds a checkpoint
     try:
         run = Run(args)
+        # a finished run without a checkpoint is refused: a finished run is never overwritten
         state, f = checkpoint.load_checkpoint_all_ranks(args.out, run.rank, run.world)
-        if state is None:
-            checkpoint.refuse_finished(args.out)  # a finished run is never overwritten
     except SystemExit:
         checkpoint.remove_if_empty(args.out, getattr(args, "out_created", None))
         raise
@@ -307,11 +299,7 @@ def train(args) -> dict:
         os.remove(metrics_path)  # a fresh run; old metrics without a checkpoint are stale
     ipb = args.batch_size * (1 + (1 + run.n_strong) * args.mu)  # images per step
     print(logs.start_line(run, ipb), flush=True)
-    unlabeled_classes = [run.classes[c] for c, n in enumerate(run.labeled_counts) if n == 0]
-    if unlabeled_classes:  # allowed (e.g. an active-learning start), but worth knowing
-        print(f"warning: {len(unlabeled_classes)} of {run.k} classes have no labeled image: "
-              f"{', '.join(unlabeled_classes[:10])}{' ...' if len(unlabeled_classes) > 10 else ''}",
-              file=sys.stderr)
+    logs.warn_unlabeled_classes(run.classes, run.labeled_counts)  # allowed, but worth knowing
     board = logs.Board(args.out, run.step, args.tensorboard and run.rank == 0)
 
     # the loop: a step; a progress line every --log-every steps; every --eval-every epochs an
@@ -328,9 +316,7 @@ def train(args) -> dict:
                 now = time.perf_counter()
                 rate = (run.step - step_log) / max(now - t_log, 1e-9)
                 print(logs.progress_line(run, run.lr(), rate, ipb), flush=True)
-                s = logs.named(run.stats)
-                board.scalars("train", {"loss": s["loss_sum"] / max(s["steps"], 1),
-                                        "img_s": rate * ipb, "lr": run.lr()}, run.step)
+                board.scalars("train", logs.train_scalars(run, rate * ipb), run.step)
                 t_log, step_log = now, run.step
             if run.rank != 0:  # the other ranks only train
                 continue
@@ -344,7 +330,7 @@ def train(args) -> dict:
                 print(logs.eval_line(m), flush=True)
                 logs.write_confusion(args.out, run.pl_confusion)
                 board.scalars("eval", m, run.step)
-                run.stats, run.pl_confusion = run.new_stats(), run.new_confusion()
+                run.stats, run.pl_confusion = run.new_interval()
                 run.save(board, best)
             elif args.save_every and run.step % args.save_every == 0:
                 run.save(board)

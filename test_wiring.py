@@ -271,7 +271,9 @@ def rel_err(got: dict, ref: dict) -> float:
     return math.sqrt(num) / math.sqrt(sum(float(r.pow(2).sum()) for r in ref.values()))
 
 
-@pytest.mark.parametrize("loss", list(methods.STEPS))
+# semi has no float64 reference of its whole step here yet (test_semi.py checks its terms and
+# its stop-gradients against loops)
+@pytest.mark.parametrize("loss", [m for m in methods.STEPS if m != "semi"])
 def test_one_step_parameter_gradients_match_the_float64_reference(npz8, tmp_path, loss):
     torch.manual_seed(0)
     run = make_run(npz8, tmp_path / loss, loss)
@@ -548,6 +550,8 @@ def test_wrn_variant_and_bn_momentum_reach_the_model(npz8, tmp_path, variant):
 
 
 def _nondefault(name, default):
+    if default is None:  # resolved from other flags (e.g. SeMi's decay step and ramp)
+        return 7
     if isinstance(default, str):
         return "product" if name == "pair_weight" else default
     return default + 3 if isinstance(default, int) else default / 2 + 0.01
@@ -562,5 +566,7 @@ def test_every_method_flag_reaches_the_args_the_step_reads(npz8, tmp_path, name)
             f"--{name.replace('_', '-')}", str(value)]
     if loss in ("base", "entropy"):
         argv += ["--entropy-ratio", "0.5"]
+    if name == "hard_weight":  # it starts after epoch 5: a shorter run refuses it
+        argv += ["--epochs", "6"]
     a = config.get_args(argv)
     assert getattr(a, name) == value, f"--{name.replace('_', '-')} {value} became {getattr(a, name)}"

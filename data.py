@@ -259,26 +259,12 @@ def _mnist_from_idx(paths: dict, name: str) -> dict:
 
 def _download_mnist_family(name: str, data_dir: str) -> None:
     """torchvision's download into data_dir, with every failure turned into one line."""
-    import torchvision
-    cls = getattr(torchvision.datasets, MNIST_FAMILY[name])
     files = (", ".join(USPS_FILES.values()) if name == "usps"
              else ", ".join(s + ".gz" for s in IDX_FILES.values()))
     advice = (f"download {files} from {MNIST_SOURCES[name]} and put them in "
               f"{os.path.abspath(data_dir)}, then run again with --data-dir {data_dir}")
-    created = not os.path.exists(data_dir)
-    old_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(60)  # a blocked network should fail, not hang
-    try:
-        for train in (True, False):
-            cls(data_dir, train=train, download=True)
-    except Exception as e:  # noqa: BLE001 - any download failure gets the same advice
-        if created:  # leave nothing behind
-            shutil.rmtree(data_dir, ignore_errors=True)
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RuntimeError(f"{name} is not in {os.path.abspath(data_dir)} and could not be "
-                           f"downloaded ({type(e).__name__}: {reason}); {advice}") from None
-    finally:
-        socket.setdefaulttimeout(old_timeout)
+    _download(MNIST_FAMILY[name], data_dir, name, advice,
+              splits=[{"train": True}, {"train": False}])
 
 
 def _load_usps(data_dir: str) -> dict:

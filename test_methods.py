@@ -242,11 +242,14 @@ def test_classifier_prediction_is_the_logit_argmax():
     assert enc.predict(x).tolist() == logits.argmax(1).tolist() and enc.prototypes is None
 
 
-@pytest.mark.parametrize("loss", ["fixmatch", "ccssl", "simmatch", "base"])
+@pytest.mark.parametrize("loss", ["fixmatch", "ccssl", "simmatch", "base", "semi"])
 def test_peer_kill_and_resume_is_bitwise_exact(tiny_npz, tmp_path, loss):
     """The reliability test's SIGKILL-and-resume for the other methods (one kill point each;
-    test_reliability.py covers --loss entropy at three)."""
+    test_reliability.py covers --loss entropy at three). SeMi: every part on from epoch 1, the
+    bank decayed every 2 steps, so the kill falls inside its active state."""
     extra = ["--epochs", "3", "--steps-per-epoch", "4", "--save-every", "1"]
+    if loss == "semi":
+        extra += ["--semi-start-epoch", "1", "--semi-decay-step", "2"]
     args = lambda out: PEER_ARGS(tiny_npz, out, loss, *extra)  # noqa: E731
     rc, log = run_cli(args(tmp_path / "ref"))
     assert rc == 0, log

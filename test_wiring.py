@@ -1,6 +1,7 @@
 """Wiring of the training step, checked through what it does, not through the formulas alone.
 
-The core test runs ONE real `Run.train_step` of every method on a tiny model (wrn-10-1, 8 x 8
+The core test runs ONE real `Run.train_step` of every method (SeMi with all five parts on)
+on a tiny model (wrn-10-1, 8 x 8
 images) with every method flag at a non-default value, captures the parameter gradients the
 optimizer receives, and compares them with a float64 reference written from the method's
 description (docs/method.md, docs/peers.md): the forward pass in train mode, the teacher from
@@ -17,6 +18,7 @@ or the step.
 """
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,12 +53,21 @@ METHOD_FLAGS = {
     "simmatch": ["--threshold", "0.45", "--lambda-u", "0.7", "--lambda-in", "0.45",
                  "--bank-temp", "0.2", "--smoothing-alpha", "0.6", "--bank-momentum", "0.5",
                  "--da-len", "4"],
+    "semi": ["--threshold", "0.93", "--oheml-scale", "1.0", "--lambda-cons", "4",
+             "--cons-temp", "1.5", "--semi-proto-temp", "0.3", "--semi-alpha", "1.0",
+             "--semi-start-epoch", "1", "--semi-ramp-epochs", "1", "--la-tau-x", "1.5",
+             "--la-tau-u", "0.5", "--semi-bank-size", "4"],
 }
 
 
 def make_run(npz, out, loss, *extra) -> train.Run:
+    common = COMMON
+    if loss == "semi":  # an imbalanced labeled set (4, 2, 1 per class): logit adjustment shows
+        idx = Path(npz).with_name("semi_labeled.txt")
+        idx.write_text("0\n3\n6\n9\n1\n4\n2\n")
+        common = COMMON[2:] + ["--labeled-idx", str(idx)]
     return train.Run(config.get_args(["--dataset", f"npz:{npz}", "--out", str(out), "--loss", loss,
-                                      *COMMON, *METHOD_FLAGS[loss], *extra]))
+                                      *common, *METHOD_FLAGS[loss], *extra]))
 
 
 def capture_one_step(run: train.Run) -> dict:
@@ -152,6 +163,53 @@ def ccssl64(z1, z2, pl, conf, t):
     return total / (2 * u)
 
 
+def semi64(lv, tlw, a, rec, y_lb, k):
+    """SeMi's loss of one step (docs/long_tailed.md) in float64, from the views' outputs
+    [head 1 | head 2 | pooled feature] (lv: labeled, weak, strong 1, strong 2) and the teacher's
+    weak-view outputs tlw. Returns (loss, (p' the blended teacher, p the raw one))."""
+    hd = lambda t: (t[:, :k], t[:, k:2 * k], t[:, 2 * k:])  # noqa: E731
+    n = [sum(1 for y in rec["y_labeled"].tolist() if y == c) for c in range(k)]
+    prior = torch.tensor([v / sum(n) for v in n], dtype=torch.float64)
+    adj = lambda tau: torch.log(prior ** tau + 1e-12)  # noqa: E731
+    l1_lb, l2_lb, _ = hd(lv[0])
+    y = torch.tensor(y_lb)
+    loss = F.cross_entropy(l1_lb, y) + F.cross_entropy(l2_lb + adj(a.la_tau_x), y)
+    l1_w, l2_w, f_w = hd(tlw)
+    (s1_1, s1_2, f_s1), (s2_1, s2_2, f_s2) = hd(lv[2]), hd(lv[3])
+    epoch = rec["step"] // a.steps_per_epoch
+    on = epoch >= a.semi_start_epoch
+    st = rec["state0"]
+    p_raw = torch.softmax(l1_w, 1)
+    p = p_raw
+    if on:
+        centres = st.bank.double().mean(1)  # the bank before this step's push
+        u = len(p_raw)
+        dist = torch.stack([torch.stack([(f_s1[b].detach() - centres[c]).pow(2).sum().sqrt()
+                                         for c in range(k)]) for b in range(u)])
+        q_proto = torch.softmax(-dist / a.semi_proto_temp, 1)
+        ramp = min(epoch / a.semi_ramp_epochs, 1.0)
+        a_c = a.semi_alpha * ramp * st.share.double()
+        p = (1 - a_c) * p_raw + a_c * q_proto  # not renormalised
+    conf, pl = p.max(1)
+    mask = ((conf >= a.threshold) | (p_raw.max(1).values >= a.threshold)).double()
+    h = -(p * p.clamp(min=1e-300).log()).sum(1)
+    w = a.oheml_scale * h / math.log(k) + 1 - a.oheml_scale if on else torch.ones_like(conf)
+    p_b = torch.softmax(l1_w - adj(a.la_tau_u), 1)
+    pl_b = p_b.max(1).indices
+    mask_b = ((p_b.max(1).values >= a.threshold) |
+              (torch.softmax(l2_w, 1).max(1).values >= a.threshold)).double()
+    u2 = 2 * len(pl)
+    for s_1, s_2 in ((s1_1, s1_2), (s2_1, s2_2)):
+        loss = loss + (F.cross_entropy(s_1, pl.detach(), reduction="none") * mask * w).sum() / u2
+        loss = loss + (F.cross_entropy(s_2, pl_b.detach(), reduction="none") * mask_b).sum() / u2
+    if on:
+        q = torch.softmax((f_w - st.center.double()) / (a.cons_temp / 5), 1)
+        for f_s in (f_s1, f_s2):
+            cons = -(q * torch.log_softmax(f_s / a.cons_temp, 1)).sum(1)
+            loss = loss + a.lambda_cons * (cons * (1 - mask)).sum() / u2
+    return loss, (p, p_raw)
+
+
 def reference_loss(m64, ema64, x, a, rec, n_lb, n_ulb, n_strong, y_lb, mistake=None):
     """The loss of one step written from docs/method.md and docs/peers.md in float64.
     `mistake` makes one wiring mistake on purpose (see MISTAKES)."""
@@ -159,7 +217,7 @@ def reference_loss(m64, ema64, x, a, rec, n_lb, n_ulb, n_strong, y_lb, mistake=N
     if mistake and mistake.startswith("flag:"):  # a flag that never reached the step
         name = mistake[5:]
         setattr(a, name, methods.FLAGS[name][0] if name in methods.FLAGS else
-                {"threshold": 0.95, "entropy_ratio": 0.4}[name])
+                {"threshold": 0.7 if a.loss == "semi" else 0.95, "entropy_ratio": 0.4}[name])
     if mistake == "swap:temp":  # the contrastive loss with T_pl, the pseudo-labels with T
         a.temp, a.pl_temp = a.pl_temp, a.temp
     if mistake == "swap:pl_temp":
@@ -200,6 +258,8 @@ def reference_loss(m64, ema64, x, a, rec, n_lb, n_ulb, n_strong, y_lb, mistake=N
         use_pair = (a.loss == "entropy") != (mistake == "loss:other")
         return supcon64(feats, labels, weights, a.temp, a.pair_weight or "geometric"
                         if use_pair else None), q
+    if a.loss == "semi":
+        return semi64(lv, tl_w, a, rec, y_lb, m64.classifier.out_features)
     p = torch.softmax(tl_w, 1)
     lx = F.cross_entropy(lv[0], torch.tensor(y_lb))
     if a.loss in ("fixmatch", "ccssl"):
@@ -244,6 +304,9 @@ MISTAKES = {
               "no-stop-gradient"],
     "simmatch": ["flag:lambda_u", "flag:lambda_in", "flag:bank_temp", "flag:smoothing_alpha",
                  "flag:threshold", "bn:eval", "teacher:ema", "no-stop-gradient"],
+    "semi": ["flag:threshold", "flag:oheml_scale", "flag:lambda_cons", "flag:cons_temp",
+             "flag:semi_proto_temp", "flag:semi_alpha", "flag:semi_start_epoch", "flag:la_tau_x",
+             "flag:la_tau_u", "bn:eval", "teacher:ema", "no-stop-gradient"],
 }
 TOL = 2e-4  # relative error of the float32 step against float64
 
@@ -271,9 +334,7 @@ def rel_err(got: dict, ref: dict) -> float:
     return math.sqrt(num) / math.sqrt(sum(float(r.pow(2).sum()) for r in ref.values()))
 
 
-# semi has no float64 reference of its whole step here yet (test_semi.py checks its terms and
-# its stop-gradients against loops)
-@pytest.mark.parametrize("loss", [m for m in methods.STEPS if m != "semi"])
+@pytest.mark.parametrize("loss", list(methods.STEPS))
 def test_one_step_parameter_gradients_match_the_float64_reference(npz8, tmp_path, loss):
     torch.manual_seed(0)
     run = make_run(npz8, tmp_path / loss, loss)
@@ -282,14 +343,28 @@ def test_one_step_parameter_gradients_match_the_float64_reference(npz8, tmp_path
             p.add_(0.3 * torch.randn_like(p))
     if loss == "simmatch":
         run.step = run.args.steps_per_epoch  # past SimMatch's warm-up epoch: bank terms on
+    if loss == "semi":  # epoch 1 >= --semi-start-epoch: every part on, with a bank to read
+        run.step = run.args.steps_per_epoch
+        st, g = run.method_state, torch.Generator().manual_seed(1)
+        k_, m_, d_ = st.bank.shape  # class centres apart by about the temperatures' scale
+        st.bank = torch.rand(k_, m_, d_, generator=g) + 0.05 * torch.randn(k_, 1, d_, generator=g)
+        st.conf = torch.rand(st.conf.shape, generator=g).sort(1, descending=True).values
+        st.share = torch.softmax(2 * torch.randn(K, generator=g), 0)
+        st.center = 0.1 * torch.randn(st.center.shape, generator=g)
+        with torch.no_grad():  # a sharper head 1: OHEML weights far from 1, both sides of t
+            run.model.classifier.weight.mul_(4)
     pos_seen = []
     real_next = run.sampler_lb.next
     run.sampler_lb.next = lambda: pos_seen.append(real_next()) or pos_seen[-1]
     rec = capture_one_step(run)
     rec["y_pos"] = pos_seen[0]
+    rec["y_labeled"] = run.y_train[run.lb]
     ref, p = reference_grads(run, rec)
     # the batch exercises both sides of every rule the step applies
-    conf = p.max(1).values
+    if loss == "semi":  # its mask: max p' >= t or max p >= t
+        conf = torch.maximum(p[0].max(1).values, p[1].max(1).values)
+    else:
+        conf = p.max(1).values
     assert 0 < int((conf >= run.args.threshold).sum()) < len(conf), "test data: mask all 0 or 1"
     if loss == "entropy":
         h = -(p * p.log()).sum(1)

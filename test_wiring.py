@@ -1,10 +1,9 @@
 """Wiring of the training step, checked through what it does, not through the formulas alone.
 
-The core test runs ONE real `Run.train_step` of every method (SeMi with all five parts on)
-on a tiny model (wrn-10-1, 8 x 8
-images) with every method flag at a non-default value, captures the parameter gradients the
+The core test runs ONE real `Run.train_step` of every method (SeMi with all five parts on) on
+a tiny model (wrn-10-1, 8 x 8 images) with every method flag at a non-default value, captures the parameter gradients the
 optimizer receives, and compares them with a float64 reference written from the method's
-description (docs/method.md, docs/peers.md): the forward pass in train mode, the teacher from
+description (docs/method.md, docs/peers.md, docs/long_tailed.md): the forward pass in train mode, the teacher from
 the online model's weak view without gradient, the prototypes with gradient. For every mistake of
 wiring the reference is also computed *with that mistake* (another temperature, the other loss,
 the EMA teacher, eval-mode BN, a missing stop-gradient, a flag left at its default); the test

@@ -16,6 +16,7 @@
     and the hours of the protocol at these speeds.
 """
 import argparse
+import copy
 import math
 import os
 import resource
@@ -279,25 +280,29 @@ def bench_cae(repeat: int, size: int = 28, batch: int = 256, batch_lb: int = 64,
     a = types.SimpleNamespace(no_ccl=False, tau=1.0, ccl_form="printed", alpha_rec=1.0,
                               alpha_clu=0.1, alpha_ccl=0.1)
     cae, clu = model.CAE(size), model.ClusteringLayer(10, 10)
+    plain_cae = copy.deepcopy(cae)  # the plain network: nn layers, contiguous memory
+    plain_cae.fold_last = False
+    cae = cae.to(memory_format=torch.channels_last)  # as cae_al.Run keeps it
     run = types.SimpleNamespace(a=a, cae=cae, clu=clu, opt=torch.optim.Adam(
         [*cae.parameters(), *clu.parameters()], 1e-3))
+    plain_opt = torch.optim.Adam([*plain_cae.parameters(), *clu.parameters()], 1e-3)
     x, x_lb = torch.rand(batch, 1, size, size), torch.rand(batch_lb, 1, size, size)
     y_lb = torch.arange(batch_lb) % 10
     p = torch.softmax(torch.randn(batch, 10), 1)
     ours = timeit(lambda: cae_al.train_step(run, x, p, x_lb, y_lb), torch.device("cpu"), repeat)
 
     def plain():  # the textbook way: two encoder passes, broadcast distances, F.kl_div
-        z, z_lb = cae.encode(x), cae.encode(x_lb)
+        z, z_lb = plain_cae.encode(x), plain_cae.encode(x_lb)
         q = 1 / (1 + ((z[:, None] - clu.mu) ** 2).sum(-1))
         q = q / q.sum(1, keepdim=True)
         s = z_lb @ clu.mu.T
         neg = torch.stack([torch.logsumexp(s[y_lb != c, c], 0) for c in range(10)])
         ccl = (neg[y_lb] - s.gather(1, y_lb[:, None]).squeeze(1)).mean()
-        loss = F.mse_loss(cae.decode(z), x) + 0.1 * F.kl_div(q.log(), p, reduction="batchmean") \
+        loss = F.mse_loss(plain_cae.decode(z), x) + 0.1 * F.kl_div(q.log(), p, reduction="batchmean") \
             + 0.1 * ccl
-        run.opt.zero_grad()
+        plain_opt.zero_grad()
         loss.backward()
-        run.opt.step()
+        plain_opt.step()
     ref = timeit(plain, torch.device("cpu"), repeat)
 
     def pre():
@@ -313,8 +318,9 @@ def bench_cae(repeat: int, size: int = 28, batch: int = 256, batch_lb: int = 64,
     ops = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
     total = sum(ops.values())
     share = {"convolution forward": sum(v for k, v in ops.items() if k in (
-                 "aten::mkldnn_convolution", "aten::_convolution", "aten::slow_conv_transpose2d")),
-             "convolution backward": ops.get("aten::convolution_backward", 0)}
+                 "aten::mkldnn_convolution", "aten::_convolution", "aten::slow_conv_transpose2d",
+                 "aten::col2im")),  # col2im: the last layer's fold
+             "convolution backward": ops.get("aten::convolution_backward", 0) + ops.get("aten::im2col", 0)}
     share = {k: v / total for k, v in share.items()}
     share["everything else"] = 1 - sum(share.values())
     r = {"size": size, "batch": batch, "batch_lb": batch_lb, "step_ms": 1e3 * ours,

@@ -168,7 +168,8 @@ class Run:
         self.x_test, self.y_test = images(d["x_test"]), torch.from_numpy(d["y_test"])
         self.k = d["num_classes"]
         torch.manual_seed(a.seed)
-        self.cae = model.CAE(size=d["x_train"].shape[1])
+        # channels-last: oneDNN's convolutions are faster on it here (docs/speed.md)
+        self.cae = model.CAE(size=d["x_train"].shape[1]).to(memory_format=torch.channels_last)
         self.clu = model.ClusteringLayer(self.k, self.cae.latent)
         self.opt_pre = torch.optim.Adam(self.cae.parameters(), lr=a.lr)
         self.opt = torch.optim.Adam([*self.cae.parameters(), *self.clu.parameters()], lr=a.lr)

@@ -169,6 +169,20 @@ def _conv_out(n: int, k: int, s: int, p: int) -> int:
     return (n + 2 * p - k) // s + 1
 
 
+def conv_transpose_fold(x: torch.Tensor, layer: nn.ConvTranspose2d, size: tuple) -> torch.Tensor:
+    """layer(x) for a ConvTranspose2d (groups 1, dilation 1) with output size `size`, computed as
+    the product W^T x at every input pixel followed by col2im (F.fold), which adds each pixel's
+    k x k contributions into the output at stride s, padding p: the same sums as the transposed
+    convolution (output_padding is the extra row and column `size` asks for). On the CPU it is
+    about twice as fast as PyTorch's transposed convolution for a layer with few output channels
+    (the CAE's last one, 32 -> 1); docs/speed.md has the measurement."""
+    if layer.groups != 1 or layer.dilation != (1, 1):
+        raise ValueError("conv_transpose_fold needs groups 1 and dilation 1")
+    cols = layer.weight.flatten(1).t() @ x.flatten(2)  # (N, C_out k k, H W)
+    y = F.fold(cols, size, layer.kernel_size, padding=layer.padding, stride=layer.stride)
+    return y if layer.bias is None else y + layer.bias.view(1, -1, 1, 1)
+
+
 class CAE(nn.Module):
     """Convolutional auto-encoder of DCEC (Guo et al. 2017) as Roda & Geva describe it: encoder
     conv 32 5x5 s2 -> conv 64 5x5 s2 -> conv 128 3x3 s2 -> BatchNorm -> Linear(., 10); decoder
@@ -180,11 +194,16 @@ class CAE(nn.Module):
     of the code meets the convolutions. The third convolution is 'same' when the size is a
     multiple of 8 (16 x 16 USPS: 8, 4, 2) and 'valid' otherwise (28 x 28: 14, 7, 3), as in DCEC;
     the transposed convolutions pick their output padding so the decoder retraces every size.
+
+    Speed on the CPU (docs/speed.md): the last transposed convolution runs as
+    `conv_transpose_fold` (`fold_last`, on by default; off, it is the plain layer), and
+    `cae_al.py` keeps the network in channels-last memory format.
     """
 
     def __init__(self, size: int = 28, channels: int = 1, latent: int = 10,
-                 filters: tuple = (32, 64, 128)):
+                 filters: tuple = (32, 64, 128), fold_last: bool = True):
         super().__init__()
+        self.fold_last = fold_last
         if size < 8:
             raise ValueError(f"CAE needs images of at least 8 x 8, got {size} x {size}")
         f1, f2, f3 = filters
@@ -219,6 +238,8 @@ class CAE(nn.Module):
         h = F.relu(self.deembed(z)).view(len(z), -1, self.s3, self.s3)
         h = F.relu(self.deconv3(self.bn_dec(h)))
         h = F.relu(self.deconv2(h))
+        if self.fold_last and not h.is_cuda:  # on the GPU cuDNN's transposed convolution is fine
+            return conv_transpose_fold(h.contiguous(), self.deconv1, (self.size, self.size))
         return self.deconv1(h)
 
 

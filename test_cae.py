@@ -1,5 +1,6 @@
 """Roda & Geva's CAE + clustering active learning: loaders, equations, query, driver."""
 import bz2
+import copy
 import gzip
 import os
 
@@ -237,6 +238,64 @@ def test_cae_shapes(size, s3):
     assert [m.kernel_size for m in (cae.conv1, cae.conv2, cae.conv3)] == [(5, 5), (5, 5), (3, 3)]
     with pytest.raises(ValueError, match="at least 8"):
         model.CAE(6)
+
+
+def _loop_conv_transpose(x, w, b, stride, pad, size):
+    """The transposed convolution by its definition, float64 loops: every input pixel (i, j)
+    adds x[c, i, j] * w[c, o, u, v] at output (i s - p + u, j s - p + v) when that lies inside."""
+    n, c_in, h, wd = x.shape
+    c_out, k = w.shape[1], w.shape[2]
+    y = torch.zeros(n, c_out, *size, dtype=torch.float64)
+    for i in range(h):
+        for j in range(wd):
+            for u in range(k):
+                for v in range(k):
+                    r, c = i * stride - pad + u, j * stride - pad + v
+                    if 0 <= r < size[0] and 0 <= c < size[1]:
+                        y[:, :, r, c] += x[:, :, i, j] @ w[:, :, u, v]
+    return y + b.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("size,channels", [(28, 1), (16, 1), (28, 3)])
+def test_conv_transpose_fold_is_the_transposed_convolution(size, channels):
+    """The CAE's fast last layer: equal to its definition (loops) and to nn.ConvTranspose2d, in
+    value and in the gradients of input, weight and bias, for 28 x 28 and 16 x 16 images."""
+    torch.manual_seed(0)
+    cae = model.CAE(size, channels).double()
+    layer, s1 = cae.deconv1, cae.size // 2
+    x = torch.randn(2, 32, s1, s1, dtype=torch.float64, requires_grad=True)
+    got = model.conv_transpose_fold(x, layer, (size, size))
+    want = layer(x)
+    assert got.shape == want.shape == (2, channels, size, size)
+    torch.testing.assert_close(got, _loop_conv_transpose(x.detach(), layer.weight.detach(),
+                                                         layer.bias.detach(), 2, 2, (size, size)))
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(want)
+    grads = [torch.autograd.grad((out * g).sum(), [x, layer.weight, layer.bias])
+             for out in (got, layer(x))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("size", [28, 16])
+def test_cae_fast_path_and_channels_last_compute_the_plain_network(size):
+    """fold_last and channels-last (what cae_al.py runs) give the plain network's reconstruction
+    and parameter gradients, up to float32 rounding."""
+    torch.manual_seed(0)
+    plain = model.CAE(size, fold_last=False)
+    fast = copy.deepcopy(plain)
+    fast.fold_last = True
+    fast = fast.to(memory_format=torch.channels_last)
+    x = torch.rand(8, 1, size, size)
+    outs = []
+    for m in (plain, fast):
+        loss = torch.nn.functional.mse_loss(m.decode(m.encode(x)), x)
+        outs.append((loss, torch.autograd.grad(loss, list(m.parameters()))))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-7)
+    for a, b in zip(outs[1][1], outs[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="groups 1"):
+        model.conv_transpose_fold(x, torch.nn.ConvTranspose2d(2, 2, 3, groups=2), (3, 3))
 
 
 # ---------------------------------------------------------------- queries and split

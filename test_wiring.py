@@ -506,6 +506,45 @@ def test_peer_mask_is_on_exactly_at_tau(monkeypatch, loss):
         f"{loss}: a teacher confidence exactly at tau is masked out: compare with >=, not >"
 
 
+def _semi_teacher_inputs(on):
+    g = torch.Generator().manual_seed(3)
+    y_lab = torch.tensor([0, 0, 0, 0, 1, 1, 2])  # imbalanced: head 2's adjustment is not constant
+    st = methods.SemiState(y_lab, K, 5, 4, 2.0, 1.0)
+    st.bank = torch.rand(K, 4, 5, generator=g) + torch.randn(K, 1, 5, generator=g)
+    st.share = torch.tensor([0.9, 0.6, 0.3])  # a large blend, so that p' can lead p
+    a = _Args()
+    a.semi_proto_temp, a.semi_ramp_epochs, a.semi_alpha, a.oheml_scale = 0.05, 1, 0.9, 0.75
+    l1_w, l2_w = (torch.randn(6, K, generator=g) * 2 for _ in range(2))
+    f_s1 = torch.randn(6, 5, generator=g)
+    return l1_w, l2_w, f_s1, a, st, (lambda: methods.semi_targets(l1_w, l2_w, f_s1, a, st, 1, on))
+
+
+@pytest.mark.parametrize("rule", ["p_blend", "p_raw", "p_adjusted", "p_head2"])
+def test_semi_masks_are_on_exactly_at_t(rule):
+    """Each of SeMi's four threshold comparisons is >= t: with t set exactly to sample 0's value
+    of that quantity (and sample 0's other quantity of the same mask below t), its mask is on."""
+    l1_w, l2_w, f_s1, a, st, targets = _semi_teacher_inputs(on=True)
+    p_raw = torch.softmax(l1_w, 1)
+    q = losses.bank_class_probs(f_s1, st.centres(), a.semi_proto_temp)
+    p_blend = losses.semantic_blend(p_raw, q, st.share, a.semi_alpha, 1.0)
+    values = {"p_blend": p_blend.max(1).values, "p_raw": p_raw.max(1).values,
+              "p_adjusted": torch.softmax(l1_w - st.adj_u, 1).max(1).values,
+              "p_head2": torch.softmax(l2_w, 1).max(1).values}
+    other = {"p_blend": "p_raw", "p_raw": "p_blend", "p_adjusted": "p_head2",
+             "p_head2": "p_adjusted"}[rule]
+    # a sample whose two quantities differ, so that only the one under test can pass
+    i = int((values[rule] - values[other]).argmax())
+    assert values[rule][i] > values[other][i], "test data: no sample where this quantity leads"
+    a.threshold = values[rule][i].item()
+    pl, conf, mask, w, pl_b, mask_b = targets()
+    m = mask if rule in ("p_blend", "p_raw") else mask_b
+    assert bool(m[i]), f"semi: a value of {rule} exactly at t is masked out: compare with >=, not >"
+    # and one float32 step above t it is off: the test can tell
+    a.threshold = torch.nextafter(values[rule][i], torch.tensor(2.0)).item()
+    m = targets()[2] if rule in ("p_blend", "p_raw") else targets()[5]
+    assert not bool(m[i])
+
+
 # ---------------------------------------------------------------- the update: lr, optimizer, EMA
 
 def test_ema_is_updated_after_the_optimizer_step(npz8, tmp_path):

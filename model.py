@@ -178,6 +178,11 @@ def conv_transpose_fold(x: torch.Tensor, layer: nn.ConvTranspose2d, size: tuple)
     (the CAE's last one, 32 -> 1); docs/speed.md has the measurement."""
     if layer.groups != 1 or layer.dilation != (1, 1):
         raise ValueError("conv_transpose_fold needs groups 1 and dilation 1")
+    want = tuple((n - 1) * s - 2 * p + k + op for n, s, p, k, op in zip(
+        x.shape[2:], layer.stride, layer.padding, layer.kernel_size, layer.output_padding))
+    if tuple(size) != want:
+        raise ValueError(f"conv_transpose_fold: this layer maps {tuple(x.shape[2:])} to {want}, "
+                         f"not to {tuple(size)}")
     cols = layer.weight.flatten(1).t() @ x.flatten(2)  # (N, C_out k k, H W)
     y = F.fold(cols, size, layer.kernel_size, padding=layer.padding, stride=layer.stride)
     return y if layer.bias is None else y + layer.bias.view(1, -1, 1, 1)

@@ -296,6 +296,9 @@ def test_cae_fast_path_and_channels_last_compute_the_plain_network(size):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="groups 1"):
         model.conv_transpose_fold(x, torch.nn.ConvTranspose2d(2, 2, 3, groups=2), (3, 3))
+    h = torch.rand(2, 32, size // 2, size // 2)
+    with pytest.raises(ValueError, match=f"not to \\({size - 1}, {size - 1}\\)"):
+        model.conv_transpose_fold(h, fast.deconv1, (size - 1, size - 1))  # would crop silently
 
 
 # ---------------------------------------------------------------- queries and split

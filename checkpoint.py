@@ -274,10 +274,18 @@ def check_resumable(s: dict, args, dev: torch.device, amp_dtype, world: int) -> 
              f"not have; resume on the same kind of GPU, or start a new run with another --out")
 
 
-def check_same_split(s: dict, out: str, labeled_idx, unlabeled_idx, val_idx) -> None:
-    """The checkpoint's labeled, unlabeled and validation indices must be the ones the data gives
-    now (checkpoints from before a set was saved have none: the unlabeled set was then the whole
-    training set, and there was no validation split)."""
+def check_same_split(s: dict, out: str, labeled_idx, unlabeled_idx, val_idx,
+                     data_id: dict | None = None) -> None:
+    """The data (data.fingerprint: sizes and a digest of every image and label) and the
+    checkpoint's labeled, unlabeled and validation indices must be the ones the data gives now
+    (checkpoints from before a set was saved have none: the unlabeled set was then the whole
+    training set, and there was no validation split; nor a fingerprint)."""
+    then = s.get("data")
+    if data_id is not None and then is not None and then["digest"] != data_id["digest"]:
+        sizes = "" if then["sizes"] == data_id["sizes"] else (
+            f": the checkpoint's had {then['sizes']}, this one has {data_id['sizes']}")
+        fail(f"{out}: the dataset's images or labels are not the ones this run was trained on"
+             f"{sizes}; resume with the original data, or start a new run with another --out")
     same_ulb = "unlabeled_idx" not in s or np.array_equal(s["unlabeled_idx"].numpy(), unlabeled_idx)
     same_ulb &= np.array_equal(s.get("val_idx", torch.zeros(0)).numpy(), val_idx)
     if not np.array_equal(s["labeled_idx"].numpy(), labeled_idx) or not same_ulb:

@@ -60,10 +60,10 @@ def load_dataset(name: str, data_dir: str = "data", image_size: int | None = Non
     int64, x_test, y_test, optionally x_unlabeled (M, H, W, C) (images without labels), and
     `classes` (list of names) and `num_classes`.
     """
-    if name.startswith("npz:"):
-        d = load_npz(name[4:])
+    if name.startswith("npz:"):  # "~" is not expanded by the shell after "npz:" or "folder:"
+        d = load_npz(os.path.expanduser(name[4:]))
     elif name.startswith("folder:"):
-        d = load_folder(name[7:], image_size)
+        d = load_folder(os.path.expanduser(name[7:]), image_size)
     elif name in CIFAR_URLS:
         d = load_cifar(name, data_dir)
     elif name == "stl10":
@@ -150,6 +150,24 @@ def _npz_member(f, path: str, key: str) -> np.ndarray:
                          f"write the file again") from None
 
 
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test", "classes", "x_unlabeled")
+
+
+def check_npz_keys(path: str, keys: list[str]) -> None:
+    """An array name close to a known one (x_unlabelled, y_tests) is a typo that would silently
+    drop data: an error. Any other unknown name is reported as unused and ignored."""
+    import difflib
+    for key in keys:
+        if key in NPZ_KEYS:
+            continue
+        close = difflib.get_close_matches(key, [k for k in NPZ_KEYS if k not in keys], 1, 0.8)
+        if close:
+            raise ValueError(f"{path}: array {key!r} is not a known name; did you mean "
+                             f"{close[0]!r}? (known: {', '.join(NPZ_KEYS)})")
+        print(f"warning: {path}: array {key!r} is not used (known: {', '.join(NPZ_KEYS)})",
+              file=sys.stderr)
+
+
 def load_npz(path: str) -> dict:
     """A dataset as arrays x_train (N,H,W,3) uint8, y_train (N,) int in [0,K), x_test, y_test,
     optional classes. Every inconsistency is a ValueError that says what to fix."""
@@ -159,6 +177,11 @@ def load_npz(path: str) -> dict:
         raise ValueError(f"npz dataset {path!r} does not exist")
     try:
         f = np.load(path, allow_pickle=False)
+    except OSError as e:
+        if not os.access(path, os.R_OK):
+            raise ValueError(f"npz dataset {path!r} cannot be read ({type(e).__name__}); check "
+                             f"its permissions") from None
+        raise ValueError(f"{path!r} is not an .npz archive; {NPZ_HELP}") from None
     except Exception:  # noqa: BLE001 - numpy's own message here is misleading ("pickled data")
         raise ValueError(f"{path!r} is not an .npz archive; {NPZ_HELP}") from None
     if not isinstance(f, np.lib.npyio.NpzFile):
@@ -181,18 +204,22 @@ def load_npz(path: str) -> dict:
             raise ValueError(f"{path}: x_unlabeled images are {_shape_words(d['x_unlabeled'])} but "
                              f"x_train images are {_shape_words(d['x_train'])}; they must match")
     if d["x_train"].shape[1:] != d["x_test"].shape[1:]:
-        raise ValueError(f"{path}: train and test images differ in size: "
-                         f"{d['x_train'].shape[1:]} vs {d['x_test'].shape[1:]}")
-    for key in f.files:
-        if key not in ("x_train", "y_train", "x_test", "y_test", "classes", "x_unlabeled"):
-            print(f"warning: {path}: array {key!r} is not used (known: x_train, y_train, x_test, "
-                  f"y_test, classes, x_unlabeled)", file=sys.stderr)
+        raise ValueError(f"{path}: x_test images are {_shape_words(d['x_test'])} but x_train "
+                         f"images are {_shape_words(d['x_train'])}; they must match")
+    check_npz_keys(path, f.files)
     classes = [str(c) for c in _npz_member(f, path, "classes")] if "classes" in f.files else None
     k = len(classes) if classes is not None else int(d["y_train"].max()) + 1
     for split in ("train", "test"):
         y = d[f"y_{split}"]
-        if y.min() < 0 or y.max() >= k:
-            raise ValueError(f"{path}: y_{split} must lie in [0, {k}), found {y.min()}..{y.max()}")
+        if y.min() < 0:
+            raise ValueError(f"{path}: y_{split} holds negative labels (smallest {y.min()}); labels "
+                             f"are class indices 0..K-1: put images without a label in "
+                             f"x_unlabeled instead")
+        if y.max() >= k:
+            hint = ("; y_test has a class y_train lacks: pass classes=[...] naming all K classes"
+                    if split == "test" and classes is None else "")
+            raise ValueError(f"{path}: y_{split} must lie in [0, {k}), found "
+                             f"{y.min()}..{y.max()}{hint}")
     if len(np.unique(d["y_train"])) < 2:
         raise ValueError(f"{path}: y_train holds a single class; classification needs at least 2 "
                          f"(a 1-class run would report a meaningless 100 %)")
@@ -415,14 +442,46 @@ def load_svhn(data_dir: str) -> dict:
 IMAGE_HELP = "folder:PATH needs PATH/train/<class>/<images> and PATH/test/<class>/<images>"
 
 
+def _raise(e: OSError) -> None:
+    raise e
+
+
 def _image_files(folder: str) -> list[str]:
     """Every file below folder, any nesting, sorted; hidden files and folders (.DS_Store,
-    .ipynb_checkpoints) left out."""
-    out = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        out += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")]
+    .ipynb_checkpoints) left out. Linked folders are followed (each real folder once, so a link
+    loop ends); a folder that cannot be read is an error, not a silent gap in the data."""
+    out, seen = [], {os.path.realpath(folder)}
+    try:
+        for root, dirs, files in os.walk(folder, onerror=_raise, followlinks=True):
+            keep = []
+            for d in sorted(d for d in dirs if not d.startswith(".")):
+                real = os.path.realpath(os.path.join(root, d))
+                if real not in seen:
+                    seen.add(real)
+                    keep.append(d)
+            dirs[:] = keep
+            out += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")]
+    except OSError as e:
+        raise ValueError(f"folder {e.filename} cannot be read ({type(e).__name__}); fix its "
+                         f"permissions or remove it") from None
     return out
+
+
+def _list_classes(top: str) -> list[str]:
+    """The class folders of PATH/train or PATH/test, sorted; an image lying directly in top (in
+    no class folder) is an error rather than an image silently left out."""
+    try:
+        entries = sorted(e for e in os.listdir(top) if not e.startswith("."))
+    except OSError as e:
+        raise ValueError(f"folder {top} cannot be read ({type(e).__name__}); fix its "
+                         f"permissions") from None
+    stray = [e for e in entries if not os.path.isdir(os.path.join(top, e))]
+    if stray:
+        more = f" and {len(stray) - 2} more" if len(stray) > 2 else ""
+        raise ValueError(f"{top} holds file(s) outside any class folder: "
+                         f"{', '.join(stray[:2])}{more}; move each into {top}/<class>/ (or, "
+                         f"without a label, into the dataset's unlabeled/ folder)")
+    return entries
 
 
 def _bad_files(bad: list[str]) -> ValueError:
@@ -431,21 +490,57 @@ def _bad_files(bad: list[str]) -> ValueError:
                       f"remove or replace them")
 
 
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+DEEP_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # more than 8 bits per pixel
+EXIF_FORMATS = ("JPEG", "MPO", "TIFF", "WEBP")  # formats whose header carries an EXIF orientation
+
+
+class _DepthError(ValueError):
+    pass
+
+
+def _orientation(im) -> int:
+    """The EXIF orientation tag (1 = upright; 5-8 swap width and height), for the formats that
+    carry it in their header."""
+    return im.getexif().get(0x0112, 1) if im.format in EXIF_FORMATS else 1
+
+
+def _to_8bit(im, path: str):
+    """A 16-bit, 32-bit integer or float grayscale image as mode "L". PIL's convert("L") clips
+    such pixels to 0..255, which turns a 16-bit image almost white, so they are scaled instead:
+    integers as 16-bit values, round(v * 255 / 65535) (16-bit PNG and TIFF open as I;16 or I);
+    floats must lie in [0, 1] and become round(v * 255). Anything else is refused."""
+    from PIL import Image
+    a = np.asarray(im).astype(np.float64)
+    if im.mode == "F":
+        if not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1):
+            raise _DepthError(f"{path}: a float image with values in {a.min():g}..{a.max():g}; "
+                              f"floats must lie in [0, 1]: save it as 8- or 16-bit")
+        a = np.rint(a * 255)
+    else:
+        if a.min() < 0 or a.max() > 65535:
+            raise _DepthError(f"{path}: a {im.mode} image with values in {a.min():g}..{a.max():g}"
+                              f", outside 16 bits (0..65535): save it as 8- or 16-bit")
+        a = np.rint(a * (255 / 65535))
+    return Image.fromarray(a.astype(np.uint8), mode="L")
+
+
 def _decode_images(paths: list[str], image_size: int | None) -> np.ndarray:
     """Decode with PIL once: all grayscale -> (N, H, W, 1), else RGB (N, H, W, 3); resized to
     image_size x image_size (bilinear) if given, else all sizes must agree. A first pass reads
     only the headers (mode, size), so that no decoded image is held twice."""
-    from PIL import Image
+    from PIL import Image, ImageOps
     heads, bad = [], []
     for p in paths:
         try:
             with Image.open(p) as im:
-                heads.append((im.mode, im.size))
+                turned = _orientation(im) in (5, 6, 7, 8)
+                heads.append((im.mode, im.size[::-1] if turned else im.size))
         except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a non-image
             bad.append(f"{p} ({type(e).__name__})")
     if bad:
         raise _bad_files(bad)
-    gray = all(mode in ("1", "L", "LA", "I", "I;16", "F") for mode, _ in heads)
+    gray = all(mode in GRAY_MODES for mode, _ in heads)
     if image_size is None:
         first = {}
         for p, (_, size) in zip(paths, heads):
@@ -459,10 +554,16 @@ def _decode_images(paths: list[str], image_size: int | None) -> np.ndarray:
     for i, p in enumerate(paths):
         try:
             with Image.open(p) as im:
-                im = im.convert("L" if gray else "RGB")
+                if _orientation(im) != 1:  # a camera's rotated JPEG: as every viewer shows it
+                    im = ImageOps.exif_transpose(im)
+                if im.mode in DEEP_MODES:
+                    im = _to_8bit(im, p)
+                im = im.convert("L" if gray else "RGB")  # RGBA, LA: the alpha channel is dropped
                 if im.size != (w, h):
                     im = im.resize((w, h), Image.Resampling.BILINEAR)
                 x[i] = np.asarray(im, dtype=np.uint8).reshape(h, w, -1)
+        except _DepthError as e:
+            raise ValueError(str(e)) from None
         except Exception as e:  # noqa: BLE001 - e.g. a truncated file fails only when decoded
             bad.append(f"{p} ({type(e).__name__})")
     if bad:
@@ -482,8 +583,7 @@ def load_folder(path: str, image_size: int | None = None) -> dict:
         top = os.path.join(path, split)
         if not os.path.isdir(top):
             raise ValueError(f"{top} does not exist; {IMAGE_HELP}")
-        names = sorted(d for d in os.listdir(top) if os.path.isdir(os.path.join(top, d))
-                       and not d.startswith("."))
+        names = _list_classes(top)
         if split == "train":
             classes = names
             if len(classes) < 2:
@@ -527,8 +627,8 @@ def load_folder(path: str, image_size: int | None = None) -> dict:
     return d
 
 
-def split_labeled(y: np.ndarray, n_per_class: int, seed: int, num_classes: int | None = None
-                  ) -> np.ndarray:
+def split_labeled(y: np.ndarray, n_per_class: int, seed: int, num_classes: int | None = None,
+                  names: list[str] | None = None) -> np.ndarray:
     """Indices of the labeled set: for each class k = 0..K-1 in turn, a shuffle of its indices by
     one numpy Generator seeded with `seed`, of which the first n_per_class are taken.
     The unlabeled set is the whole training set (labels dropped), as in FixMatch and [G]."""
@@ -537,10 +637,11 @@ def split_labeled(y: np.ndarray, n_per_class: int, seed: int, num_classes: int |
     if n_per_class < 1:
         raise ValueError(f"labels per class must be >= 1, got {n_per_class}")
     return per_class_first(y, n_per_class, np.random.default_rng(seed), k,
-                           "training images", "labels per class asked for")
+                           "training images", "labels per class asked for", names)
 
 
-def split_indices(y: np.ndarray, k: int, args) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(y: np.ndarray, k: int, args, names: list[str] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """(labeled, unlabeled) training indices for train.py's flags: the seeded per-class split with
     the whole training set unlabeled (FixMatch, [G]), the indices of --labeled-idx
     (docs/active_learning.md), or the long-tailed split with disjoint sets (docs/long_tailed.md)."""
@@ -554,7 +655,7 @@ def split_indices(y: np.ndarray, k: int, args) -> tuple[np.ndarray, np.ndarray]:
     if args.lt_labeled:
         return split_long_tailed(y, args.lt_labeled, args.lt_unlabeled, args.imb_ratio_l,
                                  args.imb_ratio_u, args.seed, k)
-    return split_labeled(y, args.labels_per_class, args.seed, k), np.arange(len(y))
+    return split_labeled(y, args.labels_per_class, args.seed, k, names), np.arange(len(y))
 
 
 def make_splits(ds: dict, args) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -578,7 +679,7 @@ def make_splits(ds: dict, args) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     elif args.labels_per_class == "all":
         lb, ulb = np.arange(n), np.arange(n)
     else:
-        lb, ulb = split_indices(y, k, args)
+        lb, ulb = split_indices(y, k, args, ds.get("classes"))
     if n_val:
         rest = np.setdiff1d(np.arange(n), lb) if args.labels_per_class != "all" else lb
         rng = np.random.default_rng((args.seed, 1))
@@ -598,6 +699,21 @@ def make_splits(ds: dict, args) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         val = np.sort(np.concatenate(picked)).astype(np.int64)
         lb, ulb = lb[~np.isin(lb, val)], ulb[~np.isin(ulb, val)]
     return lb, np.concatenate([ulb, np.arange(n, n + m)]).astype(np.int64), val
+
+
+def fingerprint(ds: dict) -> dict:
+    """The sizes of the train, test and unlabeled sets and a digest (BLAKE2b) of every image and
+    label: saved in the checkpoint, so that a run resumed on changed data (an image added to
+    test/, a relabeled file) stops instead of mixing evaluations over two datasets."""
+    h, sizes = hashlib.blake2b(digest_size=16), {}
+    for key in ("x_train", "y_train", "x_test", "y_test", "x_unlabeled"):
+        if key in ds:
+            a = np.ascontiguousarray(ds[key])
+            h.update(f"{key}{a.shape}{a.dtype}".encode())
+            h.update(a)
+            if key[0] == "x":
+                sizes[key[2:]] = len(a)
+    return {"sizes": sizes, "digest": h.hexdigest()}
 
 
 def training_pool(ds: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -725,15 +841,19 @@ def split_long_tailed(y: np.ndarray, n1: int, m1: int, gamma_l: float, gamma_u: 
 
 
 def per_class_first(y: np.ndarray, n: int, rng: np.random.Generator, num_classes: int,
-                    what: str = "images", asked: str = "asked for") -> np.ndarray:
-    """For each class k = 0..K-1 in turn: shuffle its indices with rng, keep the first n."""
+                    what: str = "images", asked: str = "asked for",
+                    names: list[str] | None = None) -> np.ndarray:
+    """For each class k = 0..K-1 in turn: shuffle its indices with rng, keep the first n.
+    `names` (the class names) only make the error say which class is short."""
     out = []
     for c in range(num_classes):
         idx = np.flatnonzero(y == c)
         if len(idx) < n:
             hint = (f"; no image has label {c}: labels must count from 0 (1-based labels? "
                     f"subtract 1)" if len(idx) == 0 and c == 0 else "")
-            raise ValueError(f"class {c} has {len(idx)} {what}, fewer than the {n} {asked}{hint}")
+            name = f" ({names[c]!r})" if names and names[c] != str(c) else ""
+            raise ValueError(f"class {c}{name} has {len(idx)} {what}, fewer than the {n} "
+                             f"{asked}{hint}")
         rng.shuffle(idx)
         out.append(idx[:n])
     return np.concatenate(out).astype(np.int64)

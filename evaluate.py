@@ -157,6 +157,10 @@ def evaluate_checkpoint(path: str, per_class: bool = False, data_dir: str | None
     if k_ckpt is not None and k_ckpt != ds["num_classes"]:
         raise ValueError(f"{name} has {ds['num_classes']} classes but the run in {f} was trained "
                          f"on {k_ckpt}; pass the run's dataset with --dataset / --data-dir")
+    c_ckpt, c_data = state["ema"]["backbone.stem.weight"].shape[1], ds["x_test"].shape[-1]
+    if c_ckpt != c_data:
+        raise ValueError(f"{name} has {c_data}-channel images but the run in {f} was trained on "
+                         f"{c_ckpt}-channel ones; pass the run's dataset with --dataset")
     model = load_run_model(state, ds["num_classes"], device)
     x = data.to_tensor_images(ds["x_test"], device)
     y = torch.from_numpy(ds["y_test"]).to(device)

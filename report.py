@@ -109,7 +109,16 @@ def differing(a: dict, others: list[dict], protocol: bool = True) -> str:
     keys |= {k for b in others for k in set(a) | set(b) if k not in NOT_CONFIG
              and a.get(k, OLD_DEFAULTS.get(k)) != b.get(k, OLD_DEFAULTS.get(k))}
     keys.discard("labeled_idx_sha256")  # the file's path says which labeled set
-    return " ".join(f"--{k.replace('_', '-')} {a.get(k)}" for k in sorted(keys)) or "-"
+    return " ".join(as_flag(k, a.get(k, OLD_DEFAULTS.get(k))) for k in sorted(keys)) or "-"
+
+
+def as_flag(key: str, value) -> str:
+    """A setting as the command line writes it: --flip / --no-flip for a boolean, --key value
+    otherwise (a flag left at its default, e.g. no --val-per-class, says so)."""
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {value}" if value is not None else f"{flag} (default)"
 
 
 TABLE_ACC = {  # --table-acc: which test accuracy a cell reports, and how the table says so

@@ -236,8 +236,9 @@ def test_npz_round_trip(tmp_path):
     ({"y_train": np.arange(29) % 3}, "shape"),
     ({"y_train": (np.arange(30) % 3).astype(np.float32)}, "integers"),
     ({"y_train": np.arange(30) % 4}, "lie in"),
-    ({"y_test": -np.ones(6, np.int64)}, "lie in"),
-    ({"x_test": np.zeros((6, 9, 9, 3), np.uint8)}, "differ"),
+    ({"y_test": -np.ones(6, np.int64)}, r"y_test holds negative labels \(smallest -1\)"),
+    ({"x_test": np.zeros((6, 9, 9, 3), np.uint8)}, "x_test images are 9 x 9 with 3 channels but "
+                                                    "x_train images are 8 x 8 with 3 channels"),
 ])
 def test_npz_errors(tmp_path, over, msg):
     p = write_npz(tmp_path / "bad.npz", **over)

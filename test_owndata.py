@@ -311,6 +311,165 @@ def test_folder_errors_name_the_file(tmp_path, breakage, msg):
         data.load_dataset(f"folder:{root}")
 
 
+def test_deep_grayscale_is_scaled_to_8_bits_not_clipped(tmp_path):
+    """16-bit PNG (I;16), 32-bit integer TIFF (I) and float TIFF (F) pixels: PIL's convert("L")
+    clips them (a 16-bit image turns almost white); they must come out as round(v * 255 / 65535)
+    and round(f * 255)."""
+    root = make_folder(tmp_path / "imgs", gray=True)
+    rng = np.random.default_rng(1)
+    v16 = rng.integers(0, 65536, (10, 12)).astype(np.uint16)
+    v32 = rng.integers(0, 65536, (10, 12)).astype(np.int32)
+    k = rng.integers(0, 256, (10, 12))
+    save(f"{root}/train/ant/deep16.png", v16)
+    save(f"{root}/train/ant/deep32.tif", v32)
+    save(f"{root}/train/ant/float.tif", (k / 255).astype(np.float32))
+    assert [Image.open(f"{root}/train/ant/{f}").mode for f in ("deep16.png", "deep32.tif",
+                                                                "float.tif")] == ["I;16", "I", "F"]
+    d = data.load_dataset(f"folder:{root}")
+    names = ["0.png", "1.png", "2.png", "deep16.png", "deep32.tif", "float.tif"]  # sorted order
+    got = {n: d["x_train"][i, ..., 0] for i, n in enumerate(names)}
+    as8 = lambda v: (v.astype(np.int64) * 255 + 32767) // 65535  # noqa: E731 - round half up
+    assert np.array_equal(got["deep16.png"], as8(v16))
+    assert np.array_equal(got["deep32.tif"], as8(v32))
+    assert np.array_equal(got["float.tif"], k)
+    save(f"{root}/unlabeled/odd.tif", np.full((10, 12), 3.5, np.float32))
+    with pytest.raises(ValueError, match=r"odd.tif: a float image with values in 3.5..3.5; floats "
+                                         r"must lie in \[0, 1\]"):
+        data.load_dataset(f"folder:{root}")
+
+
+def test_deep_grayscale_among_colour_images_is_scaled_too(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    v16 = np.random.default_rng(2).integers(0, 65536, (10, 12)).astype(np.uint16)
+    save(f"{root}/train/zebra/deep.png", v16)
+    x = data.load_dataset(f"folder:{root}")["x_train"][-1]  # zebra's last file
+    assert np.array_equal(x, np.repeat(((v16.astype(np.int64) * 255 + 32767) // 65535)[..., None],
+                                       3, axis=2))
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A camera JPEG stored sideways with EXIF orientation 6 ("rotate 90 degrees clockwise to
+    view") is decoded upright: its stored 12 x 10 pixels, turned, match the 10 x 12 images."""
+    root = make_folder(tmp_path / "imgs", size=(10, 12))
+    im = Image.fromarray(np.random.default_rng(3).integers(0, 256, (10, 12, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    im.save(root / "unlabeled" / "phone.jpg", exif=exif)
+    stored = np.asarray(Image.open(root / "unlabeled" / "phone.jpg"))
+    assert stored.shape == (10, 12, 3)
+    x = data.load_dataset(f"folder:{root}")["x_unlabeled"]
+    assert x.shape[1:] == (12, 10, 3)
+    assert np.array_equal(x[0], np.rot90(stored, k=-1))  # phone.jpg, top.jpg, then a/b/deep.png
+
+
+def test_folder_walk_follows_links_once_and_refuses_unreadable_folders(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "imgs")
+    extra = tmp_path / "elsewhere"
+    save(f"{extra}/x.png", np.zeros((10, 12, 3), np.uint8))
+    save(f"{extra}/y.png", np.zeros((10, 12, 3), np.uint8))
+    os.symlink(extra, root / "unlabeled" / "linked")     # followed
+    os.symlink(extra, root / "unlabeled" / "linked2")    # the same real folder: once
+    os.symlink(root / "unlabeled", root / "unlabeled" / "a" / "loop")  # a loop ends
+    assert len(data.load_dataset(f"folder:{root}")["x_unlabeled"]) == 2 + 2
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.path.basename(str(path)) == "b":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(ValueError, match=r"folder \S+/unlabeled/a/b cannot be read "
+                                         r"\(PermissionError\); fix its permissions"):
+        data.load_dataset(f"folder:{root}")
+
+
+def test_folder_refuses_images_outside_class_folders_and_unreadable_splits(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "imgs")
+    save(f"{root}/train/stray.png", np.zeros((10, 12, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"train holds file\(s\) outside any class folder: "
+                                         r"stray.png; move each into"):
+        data.load_dataset(f"folder:{root}")
+    os.remove(root / "train" / "stray.png")
+    real_listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda p=".": (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied", p)) if str(p).endswith("test") else real_listdir(p))
+    with pytest.raises(ValueError, match=r"folder \S+/test cannot be read \(PermissionError\)"):
+        data.load_dataset(f"folder:{root}")
+
+
+@pytest.mark.parametrize("over, msg", [
+    ({"x_unlabelled": np.zeros((4, 16, 16), np.uint8), "n_unl": 0},
+     r"array 'x_unlabelled' is not a known name; did you mean 'x_unlabeled'\?"),
+    ({"y_train": np.arange(24) % 3 - 1},
+     r"y_train holds negative labels \(smallest -1\).*put images without a label in x_unlabeled"),
+    ({"x_test": np.zeros((12, 16, 16, 3), np.uint8)},
+     "x_test images are 16 x 16 with 3 channels but x_train images are 16 x 16 with 1 channel"),
+    ({"y_test": np.arange(12) % 4, "classes": None}, "y_test has a class y_train lacks: pass classes="),
+])
+def test_npz_mistakes_are_named(tmp_path, over, msg):
+    arrays = {k: v for k, v in over.items() if v is not None}
+    path = write_gray_npz(tmp_path / "g.npz", **arrays)
+    if "classes" in over:  # write it again without the class names
+        f = dict(np.load(path))
+        f.pop("classes")
+        np.savez(path, **f)
+    with pytest.raises(ValueError, match=msg):
+        data.load_npz(path)
+
+
+def test_npz_unrelated_array_warns_and_tilde_expands(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_gray_npz(tmp_path / "g.npz", filenames=np.array(["a"] * 24))
+    d = data.load_dataset("npz:~/g.npz")
+    assert len(d["x_train"]) == 24 and "array 'filenames' is not used" in capsys.readouterr().err
+
+
+def test_short_class_is_named_by_its_folder(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    out = tmp_path / "run"
+    args = drop(tiny_args("x", out), "--dataset", "--labels-per-class")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--dataset", f"folder:{root}", "--labels-per-class", "4", *args])
+    assert "class 0 ('ant') has 3 training images, fewer than the 4 labels per class" \
+        in str(e.value.code)
+
+
+def test_resume_on_changed_data_is_refused_and_evaluate_checks_channels(tmp_path):
+    npz, out = write_gray_npz(tmp_path / "g.npz"), tmp_path / "run"
+    args = tiny_args(npz, out, "--epochs", "1")
+    train.main(args)
+    s = torch.load(out / "last.pt", weights_only=True)
+    assert s["data"]["sizes"] == {"train": 24, "test": 12, "unlabeled": 12}
+    (out / "result.json").unlink()
+    f = dict(np.load(npz))
+    f["x_test"] = f["x_test"].copy()
+    f["x_test"][0, 0, 0] ^= 1  # one pixel of one test image
+    np.savez(npz, **f)
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    assert "the dataset's images or labels are not the ones this run was trained on" \
+        in str(e.value.code) and not (out / "result.json").exists()
+    f["x_test"] = np.concatenate([f["x_test"], f["x_test"][:1]])
+    f["y_test"] = np.concatenate([f["y_test"], f["y_test"][:1]])
+    np.savez(npz, **f)
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    assert "'test': 12" in str(e.value.code) and "'test': 13" in str(e.value.code)
+    colour = write_gray_npz(tmp_path / "c.npz", x_train=np.zeros((24, 16, 16, 3), np.uint8),
+                            x_test=np.zeros((12, 16, 16, 3), np.uint8), n_unl=0)
+    with pytest.raises(ValueError, match="has 3-channel images but the run in .* was trained on "
+                                         "1-channel ones"):
+        evaluate.evaluate_checkpoint(str(out), dataset=f"npz:{colour}")
+
+
+def test_table_writes_flags_as_the_command_line_does():
+    import report
+    assert report.differing({"flip": False}, [{}], protocol=False) == "--no-flip"
+    assert report.differing({}, [{"flip": False}], protocol=False) == "--flip"
+    assert report.differing({}, [{"val_per_class": 2}], protocol=False) == "--val-per-class 0"
+    assert report.differing({}, [{"image_size": 32}], protocol=False) == "--image-size (default)"
+
+
 # ---------------------------------------------------------------- built-in datasets from files
 
 def write_idx(path, array):

@@ -82,9 +82,9 @@ class Run:
             ds = data.load_dataset(args.dataset, args.data_dir, args.image_size)
             self.k = ds["num_classes"]
             self.labeled_idx, self.unlabeled_idx, self.val_idx = data.make_splits(ds, args)
-        except (ValueError, RuntimeError) as e:
+        except (ValueError, RuntimeError, OSError) as e:
             fail(str(e))
-        self.classes = ds["classes"]
+        self.classes, self.data_id = ds["classes"], data.fingerprint(ds)
         self.mean, self.std = data.dataset_stats(ds)
         x_pool, y_pool = data.training_pool(ds)
         self.n_no_label = len(x_pool) - len(ds["x_train"])  # images without a label
@@ -230,7 +230,7 @@ class Run:
             "labeled_idx": torch.from_numpy(self.labeled_idx),
             "unlabeled_idx": torch.from_numpy(self.unlabeled_idx),
             "val_idx": torch.from_numpy(self.val_idx), "val_history": list(self.val_history),
-            "mean": self.mean, "std": self.std, "classes": list(self.classes),
+            "mean": self.mean, "std": self.std, "classes": list(self.classes), "data": self.data_id,
             "history": list(self.history), "elapsed": self.elapsed, "last_test": self.last_test,
             "stats": self.stats.cpu(), "pl_confusion": self.pl_confusion.cpu(),
             "skipped": self.guard.skipped,
@@ -240,7 +240,7 @@ class Run:
     def load_state_dict(self, s: dict) -> None:
         checkpoint.check_resumable(s, self.args, self.dev, self.amp_dtype, self.world)
         checkpoint.check_same_split(s, self.args.out, self.labeled_idx, self.unlabeled_idx,
-                                    self.val_idx)
+                                    self.val_idx, self.data_id)
         self.model.load_state_dict(s["model"])
         self.ema.load_state_dict(s["ema"])
         self.opt.load_state_dict(s["optimizer"])

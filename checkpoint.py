@@ -284,8 +284,11 @@ def check_same_split(s: dict, out: str, labeled_idx, unlabeled_idx, val_idx,
     if data_id is not None and then is not None and then["digest"] != data_id["digest"]:
         sizes = "" if then["sizes"] == data_id["sizes"] else (
             f": the checkpoint's had {then['sizes']}, this one has {data_id['sizes']}")
-        fail(f"{out}: the dataset's images or labels are not the ones this run was trained on"
-             f"{sizes}; resume with the original data, or start a new run with another --out")
+        changed = [k for k in data_id["digest"] if then["digest"].get(k) != data_id["digest"][k]]
+        fail(f"{out}: the dataset's {' and '.join(changed) or 'split'} images or labels are not "
+             f"the ones this run was trained on{sizes} (or they decode differently, e.g. after a "
+             f"Pillow upgrade); resume with the original data, or start a new run with another "
+             f"--out")
     same_ulb = "unlabeled_idx" not in s or np.array_equal(s["unlabeled_idx"].numpy(), unlabeled_idx)
     same_ulb &= np.array_equal(s.get("val_idx", torch.zeros(0)).numpy(), val_idx)
     if not np.array_equal(s["labeled_idx"].numpy(), labeled_idx) or not same_ulb:

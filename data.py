@@ -154,13 +154,16 @@ NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test", "classes", "x_unlabeled")
 
 
 def check_npz_keys(path: str, keys: list[str]) -> None:
-    """An array name close to a known one (x_unlabelled, y_tests) is a typo that would silently
-    drop data: an error. Any other unknown name is reported as unused and ignored."""
+    """An array name very close to a known name the archive lacks (x_unlabelled, y_tests,
+    X_train) is a typo that would silently drop data: an error. Any other unknown name is
+    reported as unused and ignored (the cutoff keeps x_labeled from reading as x_unlabeled)."""
     import difflib
+    absent = [k for k in NPZ_KEYS if k not in keys]
     for key in keys:
         if key in NPZ_KEYS:
             continue
-        close = difflib.get_close_matches(key, [k for k in NPZ_KEYS if k not in keys], 1, 0.8)
+        close = [k for k in absent if k == key.lower()] or difflib.get_close_matches(
+            key, absent, 1, 0.91)
         if close:
             raise ValueError(f"{path}: array {key!r} is not a known name; did you mean "
                              f"{close[0]!r}? (known: {', '.join(NPZ_KEYS)})")
@@ -186,10 +189,11 @@ def load_npz(path: str) -> dict:
         raise ValueError(f"{path!r} is not an .npz archive; {NPZ_HELP}") from None
     if not isinstance(f, np.lib.npyio.NpzFile):
         raise ValueError(f"{path!r} is a single .npy array, not an .npz archive; {NPZ_HELP}")
+    check_npz_keys(path, f.files)
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
     if missing:
-        raise ValueError(f"{path}: missing arrays {missing}; expected x_train, y_train, x_test, "
-                         "y_test (and optional classes)")
+        raise ValueError(f"{path}: missing arrays {missing} (it has {f.files}); expected x_train, "
+                         f"y_train, x_test, y_test (and optional classes, x_unlabeled)")
     d = {k: _npz_member(f, path, k) for k in ("x_train", "y_train", "x_test", "y_test")}
     for split in ("train", "test"):
         x, y = d[f"x_{split}"], d[f"y_{split}"]
@@ -206,7 +210,6 @@ def load_npz(path: str) -> dict:
     if d["x_train"].shape[1:] != d["x_test"].shape[1:]:
         raise ValueError(f"{path}: x_test images are {_shape_words(d['x_test'])} but x_train "
                          f"images are {_shape_words(d['x_train'])}; they must match")
-    check_npz_keys(path, f.files)
     classes = [str(c) for c in _npz_member(f, path, "classes")] if "classes" in f.files else None
     k = len(classes) if classes is not None else int(d["y_train"].max()) + 1
     for split in ("train", "test"):
@@ -450,12 +453,17 @@ def _image_files(folder: str) -> list[str]:
     """Every file below folder, any nesting, sorted; hidden files and folders (.DS_Store,
     .ipynb_checkpoints) left out. Linked folders are followed (each real folder once, so a link
     loop ends); a folder that cannot be read is an error, not a silent gap in the data."""
-    out, seen = [], {os.path.realpath(folder)}
+    top = os.path.realpath(folder)
+    out, seen = [], {top}
     try:
         for root, dirs, files in os.walk(folder, onerror=_raise, followlinks=True):
             keep = []
             for d in sorted(d for d in dirs if not d.startswith(".")):
                 real = os.path.realpath(os.path.join(root, d))
+                if real != top and os.path.commonpath([real, top]) == real:
+                    raise ValueError(f"{os.path.join(root, d)} links to {real}, which contains "
+                                     f"{folder}: its images would be read again under another "
+                                     f"label; remove the link")
                 if real not in seen:
                     seen.add(real)
                     keep.append(d)
@@ -467,21 +475,27 @@ def _image_files(folder: str) -> list[str]:
     return out
 
 
-def _list_classes(top: str) -> list[str]:
-    """The class folders of PATH/train or PATH/test, sorted; an image lying directly in top (in
-    no class folder) is an error rather than an image silently left out."""
+def _list_classes(top: str, train: bool) -> list[str]:
+    """The class folders of PATH/train or PATH/test, sorted. An image lying directly in top (in
+    no class folder, by its file name's extension) is an error rather than an image silently
+    left out; other files there (README.txt, labels.csv, Thumbs.db) are ignored with a warning."""
+    from PIL import Image
     try:
         entries = sorted(e for e in os.listdir(top) if not e.startswith("."))
     except OSError as e:
         raise ValueError(f"folder {top} cannot be read ({type(e).__name__}); fix its "
                          f"permissions") from None
-    stray = [e for e in entries if not os.path.isdir(os.path.join(top, e))]
-    if stray:
-        more = f" and {len(stray) - 2} more" if len(stray) > 2 else ""
-        raise ValueError(f"{top} holds file(s) outside any class folder: "
-                         f"{', '.join(stray[:2])}{more}; move each into {top}/<class>/ (or, "
-                         f"without a label, into the dataset's unlabeled/ folder)")
-    return entries
+    files = [e for e in entries if not os.path.isdir(os.path.join(top, e))]
+    images = [e for e in files if os.path.splitext(e)[1].lower() in Image.registered_extensions()]
+    if images:
+        more = f" and {len(images) - 2} more" if len(images) > 2 else ""
+        where = f"{top}/<class>/" + (" (or, without a label, into unlabeled/)" if train else "")
+        raise ValueError(f"{top} holds image(s) outside any class folder: "
+                         f"{', '.join(images[:2])}{more}; move each into {where} or delete it")
+    if files:
+        print(f"warning: {top}: ignoring file(s) outside the class folders: {', '.join(files)}",
+              file=sys.stderr)
+    return [e for e in entries if e not in files]
 
 
 def _bad_files(bad: list[str]) -> ValueError:
@@ -492,7 +506,8 @@ def _bad_files(bad: list[str]) -> ValueError:
 
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 DEEP_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # more than 8 bits per pixel
-EXIF_FORMATS = ("JPEG", "MPO", "TIFF", "WEBP")  # formats whose header carries an EXIF orientation
+# formats whose EXIF orientation PIL leaves to the caller (it turns TIFFs upright itself)
+EXIF_FORMATS = ("JPEG", "MPO", "WEBP")
 
 
 class _DepthError(ValueError):
@@ -500,9 +515,14 @@ class _DepthError(ValueError):
 
 
 def _orientation(im) -> int:
-    """The EXIF orientation tag (1 = upright; 5-8 swap width and height), for the formats that
-    carry it in their header."""
-    return im.getexif().get(0x0112, 1) if im.format in EXIF_FORMATS else 1
+    """The EXIF orientation tag (1 = upright; 5-8 swap width and height) of a JPEG or WebP; 1
+    when there is none or the EXIF block is unreadable (the pixels are still fine)."""
+    if im.format not in EXIF_FORMATS:
+        return 1
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a corrupt EXIF block raises many kinds
+        return 1
 
 
 def _to_8bit(im, path: str):
@@ -515,7 +535,8 @@ def _to_8bit(im, path: str):
     if im.mode == "F":
         if not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1):
             raise _DepthError(f"{path}: a float image with values in {a.min():g}..{a.max():g}; "
-                              f"floats must lie in [0, 1]: save it as 8- or 16-bit")
+                              f"floats must lie in [0, 1] (divide 0..255 data by 255), or save "
+                              f"it as 8- or 16-bit")
         a = np.rint(a * 255)
     else:
         if a.min() < 0 or a.max() > 65535:
@@ -551,12 +572,15 @@ def _decode_images(paths: list[str], image_size: int | None) -> np.ndarray:
                                  f"{s1[0]} x {s1[1]}; pass --image-size S to resize all to S x S")
     w, h = (image_size, image_size) if image_size else heads[0][1]
     x = np.empty((len(paths), h, w, 1 if gray else 3), dtype=np.uint8)
+    deep_max = []  # the largest value of each integer image of more than 8 bits
     for i, p in enumerate(paths):
         try:
             with Image.open(p) as im:
                 if _orientation(im) != 1:  # a camera's rotated JPEG: as every viewer shows it
                     im = ImageOps.exif_transpose(im)
                 if im.mode in DEEP_MODES:
+                    if im.mode != "F":
+                        deep_max.append(int(np.asarray(im).max()))
                     im = _to_8bit(im, p)
                 im = im.convert("L" if gray else "RGB")  # RGBA, LA: the alpha channel is dropped
                 if im.size != (w, h):
@@ -568,6 +592,11 @@ def _decode_images(paths: list[str], image_size: int | None) -> np.ndarray:
             bad.append(f"{p} ({type(e).__name__})")
     if bad:
         raise _bad_files(bad)
+    if deep_max and max(deep_max) < 4096:  # 8- or 12-bit data saved as 16-bit
+        print(f"warning: {len(deep_max)} image(s) of more than 8 bits use values up to only "
+              f"{max(deep_max)}; read as 16-bit they come out dark (at most "
+              f"{round(max(deep_max) * 255 / 65535)} of 255). If they hold 8- or 12-bit data, "
+              f"convert them to 8-bit first", file=sys.stderr)
     return x
 
 
@@ -583,7 +612,7 @@ def load_folder(path: str, image_size: int | None = None) -> dict:
         top = os.path.join(path, split)
         if not os.path.isdir(top):
             raise ValueError(f"{top} does not exist; {IMAGE_HELP}")
-        names = _list_classes(top)
+        names = _list_classes(top, split == "train")
         if split == "train":
             classes = names
             if len(classes) < 2:
@@ -702,18 +731,24 @@ def make_splits(ds: dict, args) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def fingerprint(ds: dict) -> dict:
-    """The sizes of the train, test and unlabeled sets and a digest (BLAKE2b) of every image and
-    label: saved in the checkpoint, so that a run resumed on changed data (an image added to
-    test/, a relabeled file) stops instead of mixing evaluations over two datasets."""
-    h, sizes = hashlib.blake2b(digest_size=16), {}
-    for key in ("x_train", "y_train", "x_test", "y_test", "x_unlabeled"):
-        if key in ds:
-            a = np.ascontiguousarray(ds[key])
-            h.update(f"{key}{a.shape}{a.dtype}".encode())
-            h.update(a)
-            if key[0] == "x":
-                sizes[key[2:]] = len(a)
-    return {"sizes": sizes, "digest": h.hexdigest()}
+    """The sizes of the train, test and unlabeled sets and a digest (BLAKE2b) of each one's
+    images and labels: saved in the checkpoint, so that a run resumed on changed data (an image
+    added to test/, a relabeled file) stops instead of mixing evaluations over two datasets, and
+    query.py / evaluate.py can tell the run's data from other data of the same shape. Hashed in
+    chunks, so that a strided array (STL-10's) is never copied whole."""
+    sizes, digest = {}, {}
+    for split in ("train", "test", "unlabeled"):
+        if f"x_{split}" not in ds:
+            continue
+        h = hashlib.blake2b(digest_size=16)
+        for key in (f"x_{split}", f"y_{split}"):
+            if key in ds:
+                a = ds[key]
+                h.update(f"{key}{a.shape}{a.dtype}".encode())
+                for i in range(0, len(a), 1024):
+                    h.update(np.ascontiguousarray(a[i:i + 1024]))
+        sizes[split], digest[split] = len(ds[f"x_{split}"]), h.hexdigest()
+    return {"sizes": sizes, "digest": digest}
 
 
 def training_pool(ds: dict) -> tuple[np.ndarray, np.ndarray]:

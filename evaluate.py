@@ -146,6 +146,25 @@ def load_run_model(state: dict, num_classes: int, device: str):
     return model
 
 
+def check_run_data(state: dict, ds: dict, name: str, f: str, split: str, strict: bool) -> None:
+    """The dataset given for a run's checkpoint must have the channel count the network takes,
+    and (for checkpoints that keep data.fingerprint) the same images and labels in `split`: an
+    error if strict (query.py indexes the training images), else a warning (evaluate.py may be
+    pointed at other test images on purpose)."""
+    import data
+    stem = state["ema"].get("backbone.stem.weight")
+    c_ckpt, c_data = (stem.shape[1] if stem is not None else None), ds["x_test"].shape[-1]
+    if c_ckpt not in (None, c_data):
+        raise ValueError(f"{name} has {c_data}-channel images but the run in {f} was trained on "
+                         f"{c_ckpt}-channel ones; pass the run's dataset with --dataset")
+    then = state.get("data", {}).get("digest", {}).get(split)
+    if then is not None and then != data.fingerprint(ds)["digest"].get(split):
+        msg = f"{name}: its {split} images or labels are not the ones the run in {f} had"
+        if strict:
+            raise ValueError(f"{msg}; pass the run's own dataset with --dataset / --data-dir")
+        print(f"warning: {msg} (evaluating on them anyway)", file=sys.stderr)
+
+
 def evaluate_checkpoint(path: str, per_class: bool = False, data_dir: str | None = None,
                         device: str = "cpu", dataset: str | None = None) -> dict:
     import data
@@ -157,10 +176,7 @@ def evaluate_checkpoint(path: str, per_class: bool = False, data_dir: str | None
     if k_ckpt is not None and k_ckpt != ds["num_classes"]:
         raise ValueError(f"{name} has {ds['num_classes']} classes but the run in {f} was trained "
                          f"on {k_ckpt}; pass the run's dataset with --dataset / --data-dir")
-    c_ckpt, c_data = state["ema"]["backbone.stem.weight"].shape[1], ds["x_test"].shape[-1]
-    if c_ckpt != c_data:
-        raise ValueError(f"{name} has {c_data}-channel images but the run in {f} was trained on "
-                         f"{c_ckpt}-channel ones; pass the run's dataset with --dataset")
+    check_run_data(state, ds, name, f, "test", strict=False)
     model = load_run_model(state, ds["num_classes"], device)
     x = data.to_tensor_images(ds["x_test"], device)
     y = torch.from_numpy(ds["y_test"]).to(device)

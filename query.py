@@ -44,7 +44,7 @@ import torch.nn.functional as F
 import data
 from checkpoint import (CheckpointError, DirLock, atomic_write, dumps_json, read_checkpoint,
                         remove_stale_temps, write_text)
-from evaluate import classifier_run, load_run_model, outputs_all, resolve_dataset
+from evaluate import check_run_data, classifier_run, load_run_model, outputs_all, resolve_dataset
 
 STRATEGIES = ("random", "entropy", "margin", "least-confident", "balanced-entropy", "typical")
 KNN = 20  # neighbours of TypiClust's typicality
@@ -360,6 +360,7 @@ def query(args: argparse.Namespace) -> dict:
     if len(state.get("classes") or []) not in (0, ds["num_classes"]) or labeled.max() >= n_train:
         raise ValueError(f"{name} ({ds['num_classes']} classes, {n_train} training images) is not "
                          f"the dataset {ckpt} was trained on; pass it with --dataset / --data-dir")
+    check_run_data(state, ds, name, ckpt, "train", strict=True)
     pool = np.setdiff1d(unlabeled, labeled)  # sorted, unique
     if args.n > len(pool):
         raise ValueError(f"--n {args.n} is more than the {len(pool)} unlabeled images left")

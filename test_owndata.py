@@ -13,6 +13,7 @@ import config
 import data
 import evaluate
 import methods
+import query
 import train
 from conftest import drop, tiny_args
 from test_data import op_magnitudes, pil_op
@@ -338,6 +339,16 @@ def test_deep_grayscale_is_scaled_to_8_bits_not_clipped(tmp_path):
         data.load_dataset(f"folder:{root}")
 
 
+def test_deep_images_holding_12_bits_get_a_warning(tmp_path, capsys):
+    root = make_folder(tmp_path / "imgs", gray=True)
+    save(f"{root}/train/ant/twelve.png", np.full((10, 12), 4000, np.uint16))
+    data.load_dataset(f"folder:{root}")
+    assert "1 image(s) of more than 8 bits use values up to only 4000" in capsys.readouterr().err
+    save(f"{root}/train/ant/sixteen.png", np.full((10, 12), 4096, np.uint16))
+    data.load_dataset(f"folder:{root}")
+    assert "more than 8 bits" not in capsys.readouterr().err
+
+
 def test_deep_grayscale_among_colour_images_is_scaled_too(tmp_path):
     root = make_folder(tmp_path / "imgs")
     v16 = np.random.default_rng(2).integers(0, 65536, (10, 12)).astype(np.uint16)
@@ -347,19 +358,43 @@ def test_deep_grayscale_among_colour_images_is_scaled_too(tmp_path):
                                        3, axis=2))
 
 
-def test_exif_orientation_is_applied(tmp_path):
-    """A camera JPEG stored sideways with EXIF orientation 6 ("rotate 90 degrees clockwise to
-    view") is decoded upright: its stored 12 x 10 pixels, turned, match the 10 x 12 images."""
-    root = make_folder(tmp_path / "imgs", size=(10, 12))
+# what each EXIF orientation asks a viewer to do to the stored pixels (the EXIF standard)
+UPRIGHT = {2: np.fliplr, 3: lambda a: np.rot90(a, 2), 4: np.flipud,
+           5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1),
+           7: lambda a: np.rot90(a, 2).transpose(1, 0, 2), 8: lambda a: np.rot90(a, 1)}
+
+
+@pytest.mark.parametrize("orientation", sorted(UPRIGHT))
+def test_exif_orientation_is_applied(tmp_path, orientation):
+    """A camera JPEG stored turned or mirrored, with its EXIF orientation, is decoded as a viewer
+    shows it; for 5-8 its stored 12 x 10 pixels, turned, match the folder's 10 x 12 images."""
+    turned = orientation >= 5
+    root = make_folder(tmp_path / "imgs", size=(10, 12) if turned else (12, 10))
     im = Image.fromarray(np.random.default_rng(3).integers(0, 256, (10, 12, 3), dtype=np.uint8))
     exif = Image.Exif()
-    exif[0x0112] = 6
+    exif[0x0112] = orientation
     im.save(root / "unlabeled" / "phone.jpg", exif=exif)
     stored = np.asarray(Image.open(root / "unlabeled" / "phone.jpg"))
     assert stored.shape == (10, 12, 3)
     x = data.load_dataset(f"folder:{root}")["x_unlabeled"]
-    assert x.shape[1:] == (12, 10, 3)
-    assert np.array_equal(x[0], np.rot90(stored, k=-1))  # phone.jpg, top.jpg, then a/b/deep.png
+    assert np.array_equal(x[0], UPRIGHT[orientation](stored))  # phone.jpg, top.jpg, a/b/deep.png
+
+
+def test_exif_orientation_of_a_tiff_is_applied_once(tmp_path):
+    """PIL turns a TIFF upright itself: it must not be turned (or its size swapped) again."""
+    root = make_folder(tmp_path / "imgs", size=(10, 12))
+    a = np.random.default_rng(4).integers(0, 256, (10, 12, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(a).save(root / "unlabeled" / "scan.tif", exif=exif, compression="tiff_lzw")
+    x = data.load_dataset(f"folder:{root}")["x_unlabeled"]
+    assert np.array_equal(x[0], np.rot90(a, -1))  # scan.tif, top.jpg, a/b/deep.png
+
+
+def test_broken_exif_is_no_reason_to_refuse_an_image(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "imgs")
+    monkeypatch.setattr(Image.Image, "getexif", lambda self: (_ for _ in ()).throw(SyntaxError()))
+    assert len(data.load_dataset(f"folder:{root}")["x_unlabeled"]) == 2
 
 
 def test_folder_walk_follows_links_once_and_refuses_unreadable_folders(tmp_path, monkeypatch):
@@ -371,6 +406,11 @@ def test_folder_walk_follows_links_once_and_refuses_unreadable_folders(tmp_path,
     os.symlink(extra, root / "unlabeled" / "linked2")    # the same real folder: once
     os.symlink(root / "unlabeled", root / "unlabeled" / "a" / "loop")  # a loop ends
     assert len(data.load_dataset(f"folder:{root}")["x_unlabeled"]) == 2 + 2
+    os.symlink(root / "train", root / "train" / "ant" / "up")  # would relabel zebra as ant
+    with pytest.raises(ValueError, match=r"train/ant/up links to \S+/train, which contains "
+                                         r"\S+/train/ant: its images would be read again"):
+        data.load_dataset(f"folder:{root}")
+    os.remove(root / "train" / "ant" / "up")
     real_scandir = os.scandir
 
     def scandir(path="."):
@@ -383,13 +423,17 @@ def test_folder_walk_follows_links_once_and_refuses_unreadable_folders(tmp_path,
         data.load_dataset(f"folder:{root}")
 
 
-def test_folder_refuses_images_outside_class_folders_and_unreadable_splits(tmp_path, monkeypatch):
+def test_folder_refuses_images_outside_class_folders_and_unreadable_splits(tmp_path, monkeypatch,
+                                                                           capsys):
     root = make_folder(tmp_path / "imgs")
-    save(f"{root}/train/stray.png", np.zeros((10, 12, 3), np.uint8))
-    with pytest.raises(ValueError, match=r"train holds file\(s\) outside any class folder: "
-                                         r"stray.png; move each into"):
+    (root / "train" / "README.txt").write_text("where these came from")
+    assert len(data.load_dataset(f"folder:{root}")["x_train"]) == 6
+    assert "ignoring file(s) outside the class folders: README.txt" in capsys.readouterr().err
+    save(f"{root}/test/stray.JPG", np.zeros((10, 12, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"test holds image\(s\) outside any class folder: "
+                                         r"stray.JPG; move each into \S+/test/<class>/ or delete"):
         data.load_dataset(f"folder:{root}")
-    os.remove(root / "train" / "stray.png")
+    os.remove(root / "test" / "stray.JPG")
     real_listdir = os.listdir
     monkeypatch.setattr(os, "listdir", lambda p=".": (_ for _ in ()).throw(
         PermissionError(13, "Permission denied", p)) if str(p).endswith("test") else real_listdir(p))
@@ -434,7 +478,7 @@ def test_short_class_is_named_by_its_folder(tmp_path):
         in str(e.value.code)
 
 
-def test_resume_on_changed_data_is_refused_and_evaluate_checks_channels(tmp_path):
+def test_resume_on_changed_data_is_refused_and_evaluate_checks_channels(tmp_path, capsys):
     npz, out = write_gray_npz(tmp_path / "g.npz"), tmp_path / "run"
     args = tiny_args(npz, out, "--epochs", "1")
     train.main(args)
@@ -447,8 +491,19 @@ def test_resume_on_changed_data_is_refused_and_evaluate_checks_channels(tmp_path
     np.savez(npz, **f)
     with pytest.raises(SystemExit) as e:
         train.main(args)
-    assert "the dataset's images or labels are not the ones this run was trained on" \
+    assert "the dataset's test images or labels are not the ones this run was trained on" \
         in str(e.value.code) and not (out / "result.json").exists()
+    query.main([str(out), "--n", "2", "--strategy", "entropy", "--device", "cpu",
+                "--out", str(tmp_path / "r1.txt")])  # the training images are the run's
+    evaluate.evaluate_checkpoint(str(out))  # other test images: evaluated, with a warning
+    assert "its test images or labels are not the ones the run in" in capsys.readouterr().err
+    f["x_train"] = f["x_train"].copy()
+    f["x_train"][3, 1, 1] ^= 1
+    np.savez(npz, **f)
+    with pytest.raises(SystemExit) as e:
+        query.main([str(out), "--n", "2", "--strategy", "entropy", "--device", "cpu",
+                    "--out", str(tmp_path / "r2.txt")])
+    assert "its train images or labels are not the ones the run in" in str(e.value.code)
     f["x_test"] = np.concatenate([f["x_test"], f["x_test"][:1]])
     f["y_test"] = np.concatenate([f["y_test"], f["y_test"][:1]])
     np.savez(npz, **f)

@@ -526,10 +526,11 @@ def _orientation(im) -> int:
 
 
 def _to_8bit(im, path: str):
-    """A 16-bit, 32-bit integer or float grayscale image as mode "L". PIL's convert("L") clips
-    such pixels to 0..255, which turns a 16-bit image almost white, so they are scaled instead:
-    integers as 16-bit values, round(v * 255 / 65535) (16-bit PNG and TIFF open as I;16 or I);
-    floats must lie in [0, 1] and become round(v * 255). Anything else is refused."""
+    """A 16-bit, 32-bit integer or float grayscale image as mode "L", and its largest integer
+    value (None for floats). PIL's convert("L") clips such pixels to 0..255, which turns a
+    16-bit image almost white, so they are scaled instead: integers as 16-bit values,
+    round(v * 255 / 65535) (16-bit PNG and TIFF open as I;16 or I); floats must lie in [0, 1]
+    and become round(v * 255). Anything else is refused."""
     from PIL import Image
     a = np.asarray(im).astype(np.float64)
     if im.mode == "F":
@@ -537,13 +538,14 @@ def _to_8bit(im, path: str):
             raise _DepthError(f"{path}: a float image with values in {a.min():g}..{a.max():g}; "
                               f"floats must lie in [0, 1] (divide 0..255 data by 255), or save "
                               f"it as 8- or 16-bit")
-        a = np.rint(a * 255)
+        a, top = np.rint(a * 255), None
     else:
         if a.min() < 0 or a.max() > 65535:
             raise _DepthError(f"{path}: a {im.mode} image with values in {a.min():g}..{a.max():g}"
                               f", outside 16 bits (0..65535): save it as 8- or 16-bit")
+        top = int(a.max())
         a = np.rint(a * (255 / 65535))
-    return Image.fromarray(a.astype(np.uint8), mode="L")
+    return Image.fromarray(a.astype(np.uint8), mode="L"), top
 
 
 def _decode_images(paths: list[str], image_size: int | None) -> np.ndarray:
@@ -579,9 +581,8 @@ def _decode_images(paths: list[str], image_size: int | None) -> np.ndarray:
                 if _orientation(im) != 1:  # a camera's rotated JPEG: as every viewer shows it
                     im = ImageOps.exif_transpose(im)
                 if im.mode in DEEP_MODES:
-                    if im.mode != "F":
-                        deep_max.append(int(np.asarray(im).max()))
-                    im = _to_8bit(im, p)
+                    im, top = _to_8bit(im, p)
+                    deep_max += [top] if top is not None else []
                 im = im.convert("L" if gray else "RGB")  # RGBA, LA: the alpha channel is dropped
                 if im.size != (w, h):
                     im = im.resize((w, h), Image.Resampling.BILINEAR)
@@ -730,14 +731,14 @@ def make_splits(ds: dict, args) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return lb, np.concatenate([ulb, np.arange(n, n + m)]).astype(np.int64), val
 
 
-def fingerprint(ds: dict) -> dict:
+def fingerprint(ds: dict, splits: tuple[str, ...] = ("train", "test", "unlabeled")) -> dict:
     """The sizes of the train, test and unlabeled sets and a digest (BLAKE2b) of each one's
     images and labels: saved in the checkpoint, so that a run resumed on changed data (an image
     added to test/, a relabeled file) stops instead of mixing evaluations over two datasets, and
     query.py / evaluate.py can tell the run's data from other data of the same shape. Hashed in
     chunks, so that a strided array (STL-10's) is never copied whole."""
     sizes, digest = {}, {}
-    for split in ("train", "test", "unlabeled"):
+    for split in splits:
         if f"x_{split}" not in ds:
             continue
         h = hashlib.blake2b(digest_size=16)

@@ -158,7 +158,7 @@ def check_run_data(state: dict, ds: dict, name: str, f: str, split: str, strict:
         raise ValueError(f"{name} has {c_data}-channel images but the run in {f} was trained on "
                          f"{c_ckpt}-channel ones; pass the run's dataset with --dataset")
     then = state.get("data", {}).get("digest", {}).get(split)
-    if then is not None and then != data.fingerprint(ds)["digest"].get(split):
+    if then is not None and then != data.fingerprint(ds, (split,))["digest"].get(split):
         msg = f"{name}: its {split} images or labels are not the ones the run in {f} had"
         if strict:
             raise ValueError(f"{msg}; pass the run's own dataset with --dataset / --data-dir")

@@ -284,8 +284,9 @@ def check_same_split(s: dict, out: str, labeled_idx, unlabeled_idx, val_idx,
     if data_id is not None and then is not None and then["digest"] != data_id["digest"]:
         sizes = "" if then["sizes"] == data_id["sizes"] else (
             f": the checkpoint's had {then['sizes']}, this one has {data_id['sizes']}")
-        changed = [k for k in data_id["digest"] if then["digest"].get(k) != data_id["digest"][k]]
-        fail(f"{out}: the dataset's {' and '.join(changed) or 'split'} images or labels are not "
+        changed = [k for k in ("train", "test", "unlabeled")
+                   if then["digest"].get(k) != data_id["digest"].get(k)]
+        fail(f"{out}: the dataset's {' and '.join(changed)} images or labels are not "
              f"the ones this run was trained on{sizes} (or they decode differently, e.g. after a "
              f"Pillow upgrade); resume with the original data, or start a new run with another "
              f"--out")

@@ -60,6 +60,16 @@ def init(device_type: str) -> None:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
 
 
+def close() -> None:
+    """At the end of a run, on every rank: wait for the others, then tear the process group down.
+    A rank that exits with the group alive can abort in the interpreter's teardown (gloo's
+    threads are destroyed unjoined: "terminate called without an active exception", SIGABRT),
+    and torchrun then reports a finished run as failed. Without a process group: nothing."""
+    if dist.is_initialized():
+        dist.barrier()  # rank 0 evaluates and writes last; nobody leaves before it is done
+        dist.destroy_process_group()
+
+
 def local_views(views: list[torch.Tensor], rank: int, world_size: int) -> list[torch.Tensor]:
     """This rank's contiguous slice of each view of the global batch."""
     return [v[rank * len(v) // world_size:(rank + 1) * len(v) // world_size] for v in views]

@@ -330,6 +330,7 @@ def torchrun_worker(argv: list) -> None:
     if ddp.world()[0] == 0:
         import checkpoint
         checkpoint.write_text(out, json.dumps(info))
+    ddp.close()
 
 
 def check_torchrun(c: dict, dataset: str, dev: torch.device, tmp: str, env: dict) -> dict:

@@ -339,10 +339,10 @@ def train(args) -> dict:
         fail(f"interrupted at step {run.step}; run the same command again to resume from the "
              f"last checkpoint in {args.out}")
     board.close()
-    if run.rank != 0:
-        return {}
-    res = logs.write_result(run)
-    print(logs.done_line(res, args.out), flush=True)
+    res = logs.write_result(run) if run.rank == 0 else {}
+    if run.rank == 0:
+        print(logs.done_line(res, args.out), flush=True)
+    ddp.close()  # every rank leaves together, the process group torn down
     return res
 
 

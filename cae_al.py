@@ -166,7 +166,7 @@ class Run:
         self.x_pool, self.y_pool = images(d["x_train"][self.pool]), torch.from_numpy(d["y_train"][self.pool])
         self.x_val, self.y_val = images(d["x_train"][self.val]), torch.from_numpy(d["y_train"][self.val])
         self.x_test, self.y_test = images(d["x_test"]), torch.from_numpy(d["y_test"])
-        self.k = d["num_classes"]
+        self.k, self.data_id = d["num_classes"], data.fingerprint(d)
         torch.manual_seed(a.seed)
         # channels-last: oneDNN's convolutions are faster on it here (docs/speed.md)
         self.cae = model.CAE(size=d["x_train"].shape[1]).to(memory_format=torch.channels_last)
@@ -184,14 +184,22 @@ class Run:
                 "opt": self.opt.state_dict(), "g": self.g.get_state(),
                 "labeled": torch.from_numpy(self.labeled), "pre_epoch": self.pre_epoch,
                 "round": self.round, "history": json.dumps(self.history),
-                "pre_seconds": self.pre_seconds}
+                "pre_seconds": self.pre_seconds, "data": self.data_id}
 
-    def load_state(self, s: dict, where: str, keys=RESUME_KEYS) -> None:
+    def load_state(self, s: dict, where: str, keys=RESUME_KEYS, splits=("train", "test")) -> None:
+        """s's settings (keys) and data (splits: a digest of their images and labels) must be
+        this run's; pre-training (--pretrained) saw the training images only."""
         mine = {k: getattr(self.a, k) for k in keys}
         diff = [f"--{k.replace('_', '-')} {s['args'].get(k)!r} (now {v!r})" for k, v in mine.items()
                 if s["args"].get(k) != v]
         if diff:
             fail(f"{where} was made with {', '.join(diff)}; use the same settings, or another "
+                 f"--out / --pretrained")
+        then = s.get("data", {}).get("digest", {})  # absent in checkpoints older than the check
+        changed = [k for k in splits if k in then and then[k] != self.data_id["digest"].get(k)]
+        if changed:
+            fail(f"{where} was made on other {' and '.join(changed)} images or labels than the "
+                 f"ones in --data-dir {self.a.data_dir}; use the original files, or another "
                  f"--out / --pretrained")
         self.cae.load_state_dict(s["cae"])
         self.clu.load_state_dict(s["clu"])
@@ -476,7 +484,7 @@ def main(argv=None) -> None:
         src = os.path.join(a.pretrained, "pretrained.pt")
         if not os.path.isfile(src):
             fail(f"{src} does not exist: --pretrained needs a run whose pre-training has finished")
-        run.load_state(read_state(src), src, PRETRAIN_KEYS)
+        run.load_state(read_state(src), src, PRETRAIN_KEYS, ("train",))
         print(f"starting from the pre-training of {src}")
     if run.round > a.rounds:
         print(f"{a.out} is finished ({a.rounds} rounds); nothing to train")

@@ -3,6 +3,7 @@ import bz2
 import copy
 import gzip
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -505,6 +506,32 @@ def test_bad_input_is_one_line(tiny_data, tmp_path):
         f.write(b"torn")
     assert "not a readable checkpoint" in one_line_exit(tiny_argv(tiny_data, tmp_path / "d"))
 
+
+
+def test_resume_and_pretrained_refuse_other_data(tiny_data, tmp_path):
+    quick = ("--rounds", "0", "--pretrain-epochs", "1", "--epochs-per-round", "0")
+    cae_al.main(tiny_argv(tiny_data, tmp_path / "run", *quick))
+    d = data.load_mnist_family("mnist", tiny_data)
+    for name, key in (("other_test", "y_test"), ("other_train", "x_train")):
+        os.makedirs(tmp_path / name)
+        for k in ("x_train", "y_train", "x_test", "y_test"):
+            arr = d[k].copy()
+            if k == key:
+                arr[0] = (arr[0] + 1) % 10 if k == "y_test" else 255 - arr[0]  # a label, an image
+            write_idx(str(tmp_path / name / (data.IDX_FILES[k] + ".gz")), arr)
+    # resuming on a copy with one test label changed, then one training image: refused
+    for name, split in (("other_test", "test"), ("other_train", "train")):
+        msg = one_line_exit(tiny_argv(str(tmp_path / name), tmp_path / "run", *quick))
+        assert f"other {split} images or labels" in msg and name in msg, msg
+    # pre-training saw the training images only: another test set may reuse it, other images not
+    cae_al.main(tiny_argv(str(tmp_path / "other_test"), tmp_path / "reuse", *quick,
+                          "--pretrained", str(tmp_path / "run")))
+    msg = one_line_exit(tiny_argv(str(tmp_path / "other_train"), tmp_path / "no", *quick,
+                                  "--pretrained", str(tmp_path / "run")))
+    assert "pretrained.pt was made on other train images" in msg, msg
+    # the same files elsewhere: the run resumes (it is finished, so it trains nothing)
+    shutil.copytree(tiny_data, tmp_path / "copy")
+    cae_al.main(tiny_argv(str(tmp_path / "copy"), tmp_path / "run", *quick))
 
 
 def test_wrong_image_shape_and_missing_files_are_one_line(tiny_data, tmp_path, monkeypatch):

@@ -167,6 +167,8 @@ class Run:
         self.x_val, self.y_val = images(d["x_train"][self.val]), torch.from_numpy(d["y_train"][self.val])
         self.x_test, self.y_test = images(d["x_test"]), torch.from_numpy(d["y_test"])
         self.k, self.data_id = d["num_classes"], data.fingerprint(d)
+        # what pre-training sees: the pool's images (not their labels, not validation or test)
+        self.pool_id = data.fingerprint({"x_pool": d["x_train"][self.pool]}, ("pool",))["digest"]
         torch.manual_seed(a.seed)
         # channels-last: oneDNN's convolutions are faster on it here (docs/speed.md)
         self.cae = model.CAE(size=d["x_train"].shape[1]).to(memory_format=torch.channels_last)
@@ -184,23 +186,30 @@ class Run:
                 "opt": self.opt.state_dict(), "g": self.g.get_state(),
                 "labeled": torch.from_numpy(self.labeled), "pre_epoch": self.pre_epoch,
                 "round": self.round, "history": json.dumps(self.history),
-                "pre_seconds": self.pre_seconds, "data": self.data_id}
+                "pre_seconds": self.pre_seconds, "data": self.data_id, "pool_images": self.pool_id}
 
-    def load_state(self, s: dict, where: str, keys=RESUME_KEYS, splits=("train", "test")) -> None:
-        """s's settings (keys) and data (splits: a digest of their images and labels) must be
-        this run's; pre-training (--pretrained) saw the training images only."""
+    def load_state(self, s: dict, where: str, pretrained: bool = False) -> None:
+        """s's settings and data must be this run's: to resume, RESUME_KEYS and every image and
+        label; for --pretrained, PRETRAIN_KEYS and the pool's images (all pre-training saw)."""
+        keys = PRETRAIN_KEYS if pretrained else RESUME_KEYS
         mine = {k: getattr(self.a, k) for k in keys}
         diff = [f"--{k.replace('_', '-')} {s['args'].get(k)!r} (now {v!r})" for k, v in mine.items()
                 if s["args"].get(k) != v]
         if diff:
             fail(f"{where} was made with {', '.join(diff)}; use the same settings, or another "
                  f"--out / --pretrained")
-        then = s.get("data", {}).get("digest", {})  # absent in checkpoints older than the check
-        changed = [k for k in splits if k in then and then[k] != self.data_id["digest"].get(k)]
+        # a checkpoint older than this check has neither digest: it resumes as before
+        then, now = ((s.get("pool_images"), self.pool_id) if pretrained
+                     else (s.get("data", {}).get("digest"), self.data_id["digest"]))
+        changed = [k for k in (then or {}) if then[k] != now.get(k)]
         if changed:
-            fail(f"{where} was made on other {' and '.join(changed)} images or labels than the "
-                 f"ones in --data-dir {self.a.data_dir}; use the original files, or another "
-                 f"--out / --pretrained")
+            what = {"pool": "training images", "train": "training images or labels",
+                    "test": "test images or labels"}
+            usps = " (USPS: both files make the training pool)" if self.a.dataset == "usps" else ""
+            fix = ("another --pretrained, or no --pretrained to pre-train on these files"
+                   if pretrained else "or another --out")
+            fail(f"{where} was made on other {' and '.join(what[k] for k in changed)} than the "
+                 f"files in --data-dir {self.a.data_dir}{usps}; use the original files, {fix}")
         self.cae.load_state_dict(s["cae"])
         self.clu.load_state_dict(s["clu"])
         self.opt_pre.load_state_dict(s["opt_pre"])
@@ -484,7 +493,7 @@ def main(argv=None) -> None:
         src = os.path.join(a.pretrained, "pretrained.pt")
         if not os.path.isfile(src):
             fail(f"{src} does not exist: --pretrained needs a run whose pre-training has finished")
-        run.load_state(read_state(src), src, PRETRAIN_KEYS, ("train",))
+        run.load_state(read_state(src), src, pretrained=True)
         print(f"starting from the pre-training of {src}")
     if run.round > a.rounds:
         print(f"{a.out} is finished ({a.rounds} rounds); nothing to train")

@@ -512,26 +512,41 @@ def test_resume_and_pretrained_refuse_other_data(tiny_data, tmp_path):
     quick = ("--rounds", "0", "--pretrain-epochs", "1", "--epochs-per-round", "0")
     cae_al.main(tiny_argv(tiny_data, tmp_path / "run", *quick))
     d = data.load_mnist_family("mnist", tiny_data)
-    for name, key in (("other_test", "y_test"), ("other_train", "x_train")):
+    a = cae_al.parse_args(tiny_argv(tiny_data, tmp_path / "run"))
+    pool = cae_al.split_pool(len(d["x_train"]), a.val_frac, a.init_labels, a.seed)[0]
+    changes = {"other_test": {"y_test": 0}, "other_train": {"x_train": pool[0]},
+               "relabeled": {"y_train": pool[0]}, "both": {"x_train": pool[0], "y_test": 0}}
+    for name, change in changes.items():  # copies of the data with one image or label changed
         os.makedirs(tmp_path / name)
         for k in ("x_train", "y_train", "x_test", "y_test"):
             arr = d[k].copy()
-            if k == key:
-                arr[0] = (arr[0] + 1) % 10 if k == "y_test" else 255 - arr[0]  # a label, an image
+            if k in change:
+                i = change[k]
+                arr[i] = (arr[i] + 1) % 10 if k.startswith("y") else 255 - arr[i]
             write_idx(str(tmp_path / name / (data.IDX_FILES[k] + ".gz")), arr)
-    # resuming on a copy with one test label changed, then one training image: refused
-    for name, split in (("other_test", "test"), ("other_train", "train")):
+    # resuming on any of them: refused, naming what changed and where
+    for name, what in (("other_test", "other test images or labels than"),
+                       ("other_train", "other training images or labels than"),
+                       ("relabeled", "other training images or labels than"),
+                       ("both", "other training images or labels and test images or labels")):
         msg = one_line_exit(tiny_argv(str(tmp_path / name), tmp_path / "run", *quick))
-        assert f"other {split} images or labels" in msg and name in msg, msg
-    # pre-training saw the training images only: another test set may reuse it, other images not
-    cae_al.main(tiny_argv(str(tmp_path / "other_test"), tmp_path / "reuse", *quick,
-                          "--pretrained", str(tmp_path / "run")))
+        assert what in msg and name in msg and "another --out" in msg, msg
+    # pre-training saw the pool's images only: other labels or another test set may reuse it
+    for name in ("other_test", "relabeled"):
+        cae_al.main(tiny_argv(str(tmp_path / name), tmp_path / f"reuse-{name}", *quick,
+                              "--pretrained", str(tmp_path / "run")))
     msg = one_line_exit(tiny_argv(str(tmp_path / "other_train"), tmp_path / "no", *quick,
                                   "--pretrained", str(tmp_path / "run")))
-    assert "pretrained.pt was made on other train images" in msg, msg
+    assert "pretrained.pt was made on other training images than" in msg, msg
+    assert "no --pretrained to pre-train on these files" in msg, msg
     # the same files elsewhere: the run resumes (it is finished, so it trains nothing)
     shutil.copytree(tiny_data, tmp_path / "copy")
     cae_al.main(tiny_argv(str(tmp_path / "copy"), tmp_path / "run", *quick))
+    # a checkpoint from before the digests were kept resumes as it did then, unchecked
+    s = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    del s["data"], s["pool_images"]
+    torch.save(s, tmp_path / "run" / "last.pt")
+    cae_al.main(tiny_argv(str(tmp_path / "both"), tmp_path / "run", *quick))
 
 
 def test_wrong_image_shape_and_missing_files_are_one_line(tiny_data, tmp_path, monkeypatch):

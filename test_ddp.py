@@ -151,23 +151,26 @@ def test_kill_and_resume_two_ranks_is_bitwise_exact(tiny_npz, tmp_path):
 
 
 MAIN = """
-import sys, torch
+import os, sys, torch
 sys.path.insert(0, {here!r})
 import ddp, train
-train.main(sys.argv[2:])
+argv = sys.argv[2:]
+train.main(argv)
+done = os.path.exists(argv[argv.index("--out") + 1] + "/result.json")
 with open(sys.argv[1] + f"/rank{{ddp.world()[0]}}.txt", "w") as f:
-    f.write(str(torch.distributed.is_initialized()))
+    f.write(f"{{torch.distributed.is_initialized()}} {{done}}")
 """
 
 
-def test_every_rank_leaves_train_with_the_process_group_torn_down(tiny_npz, tmp_path):
+def test_every_rank_leaves_train_after_rank_0_with_the_process_group_torn_down(tiny_npz, tmp_path):
     # with it alive, a rank's exit can abort in gloo's teardown ("terminate called without an
-    # active exception") and torchrun then fails a finished run, about one run in ten
+    # active exception") and torchrun then fails a finished run, about one run in ten; and no
+    # rank leaves before rank 0 has written the result (the barrier before the teardown)
     script = tmp_path / "main.py"
     script.write_text(MAIN.format(here=HERE))
     p = launch(2, [str(script), str(tmp_path), *tiny_args(tiny_npz, tmp_path / "run")], timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["False", "False"]
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["False True"] * 2
     assert "terminate called" not in p.stderr
 
 
